@@ -1,0 +1,132 @@
+"""What fair_moe needs to know about one MoE family, and the shared fused-experts layout.
+
+transformers 5.x stores the routed experts of most MoE families as one module with fused 3-D
+parameters (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``) next to a router
+module (``gate`` or ``router``) whose ``weight`` is ``[E, H]``. An adapter names those modules, the
+config field that holds E, and how the router turns its logits into top-k weights, so that the
+masked reference (removed experts' logits at -inf) can be computed from the router's real logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fair_moe.errors import FairMoeError
+
+
+@dataclass
+class MoELayer:
+    """One sparse MoE block of a decoder.
+
+    ``index`` is the decoder layer index (the key used in ``fair_moe_plan.json``); ``groups`` is the
+    router's group count for group-limited routing (1 when the router has none).
+    """
+
+    index: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+    groups: int = 1
+
+
+@dataclass
+class FusedExpertsAdapter:
+    """Adapter for families whose experts are one fused-parameter module.
+
+    Attributes:
+        model_type: ``config.model_type`` this adapter serves.
+        count_field: config field holding the routed expert count.
+        block_attr: attribute of a decoder layer holding the sparse MoE block.
+        router_attr / experts_attr: attributes of the block.
+        count_attributes: module attributes that cache the expert count and must follow a resize.
+        always_normalize: the router renormalises top-k weights whatever the config says (Mixtral).
+    """
+
+    model_type: str
+    count_field: str = "num_experts"
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    count_attributes: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+    always_normalize: bool = False
+    layers_path: str = "model.layers"
+    extra_config_fields: dict[str, str] = field(default_factory=dict)
+
+    # ---- discovery -------------------------------------------------------------------------
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.count_field))
+
+    def top_k(self, config) -> int:
+        return int(config.num_experts_per_tok)
+
+    def num_groups(self, config) -> int:
+        return int(getattr(config, "n_group", None) or 1)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        try:
+            return model.get_submodule(self.layers_path)
+        except AttributeError as err:
+            raise FairMoeError(
+                f"model of type {type(model).__name__} has no {self.layers_path!r}: pass a causal LM "
+                "(AutoModelForCausalLM) to --model"
+            ) from err
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """Every sparse MoE block, in decoder order. Dense layers are skipped."""
+        config = model.config
+        layers = []
+        for index, layer in enumerate(self.decoder_layers(model)):
+            block = getattr(layer, self.block_attr, None)
+            if block is None or not hasattr(block, self.experts_attr) or not hasattr(block, self.router_attr):
+                continue
+            layers.append(
+                MoELayer(
+                    index=index,
+                    block=block,
+                    router=getattr(block, self.router_attr),
+                    experts=getattr(block, self.experts_attr),
+                    num_experts=self.num_experts(config),
+                    top_k=self.top_k(config),
+                    groups=self.num_groups(config),
+                )
+            )
+        return layers
+
+    def moe_layer_indices(self, config) -> list[int]:
+        """Decoder indices of the sparse layers, from the config alone (no weights needed)."""
+        n = config.num_hidden_layers
+        mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = getattr(config, "decoder_sparse_step", None) or 1
+        first_dense = getattr(config, "first_k_dense_replace", None) or 0
+        return [i for i in range(n) if i not in mlp_only and (i + 1) % step == 0 and i >= first_dense]
+
+    # ---- routing ---------------------------------------------------------------------------
+    def route_from_logits(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k weights and ids [tokens, top_k] from router logits [tokens, E], as the router does.
+
+        Softmax over all experts, top-k of the probabilities, optional renormalisation. Experts whose
+        logit is -inf get probability 0 and are never chosen while at least top_k are finite.
+        """
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, router.top_k, dim=-1)
+        if self.always_normalize or getattr(router, "norm_topk_prob", False):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.always_normalize:
+            weights = weights.to(logits.dtype)
+        return weights, ids
+
+    def router_logits(self, router_output) -> torch.Tensor:
+        """The logits [tokens, E] out of whatever the router's forward returned."""
+        return router_output[0]
+
+    def replace_router_output(self, router_output, logits: torch.Tensor, weights, ids):
+        return (logits, weights, ids)
+
+    # ---- rewriting -------------------------------------------------------------------------
+    def set_count(self, config, n: int) -> None:
+        setattr(config, self.count_field, n)

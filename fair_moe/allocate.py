@@ -1,0 +1,147 @@
+"""Allocation: how many units each layer loses, and which ones. Pure functions on score tensors.
+
+Notation (METHOD.md §2–§3): a layer has n units with removal scores ``u [n]`` (low = remove first)
+and protection scores ``r [n]`` (high = protect). ``rem`` is ``u`` ascending, ``prot`` is ``r``
+descending; both orders are stable, so ties go to the lower unit id. ``ToD(k) = |rem[:k] ∩ prot[:k]| / k``
+for k = 1 … n_max, and a layer's units removed are always ``rem[:k]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fair_moe.errors import FairMoeError
+
+
+@dataclass
+class Allocation:
+    """Units removed per layer (row order = layer order) and, for ToD, the tolerance α* used."""
+
+    removed: list[list[int]]
+    alpha: float | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(r) for r in self.removed]
+
+
+def removal_order(u: torch.Tensor) -> torch.Tensor:
+    """Unit ids [n] by removal score ascending (ties: lower id first)."""
+    return torch.sort(u.double(), stable=True).indices
+
+
+def protection_order(r: torch.Tensor) -> torch.Tensor:
+    """Unit ids [n] by protection score descending (ties: lower id first)."""
+    return torch.sort(-r.double(), stable=True).indices
+
+
+def tod_curve(u: torch.Tensor, r: torch.Tensor, n_max: int) -> torch.Tensor:
+    """ToD(k) for k = 1 … n_max as float64 [n_max] (entry k-1 is ToD(k))."""
+    if n_max <= 0:
+        return torch.zeros(0, dtype=torch.float64)
+    rem = removal_order(u)
+    rank_in_prot = torch.empty_like(rem)
+    rank_in_prot[protection_order(r)] = torch.arange(len(r))
+    a = rank_in_prot[rem]  # a[i]: where the i-th removal candidate stands in the protection order
+    n = len(u)
+    ks = torch.arange(1, n_max + 1)
+    in_prefix = torch.arange(n)[:, None] < ks[None, :]
+    protected_in_prefix = a[:, None] < ks[None, :]
+    overlap = (in_prefix & protected_in_prefix).sum(0).double()
+    return overlap / ks.double()
+
+
+def tod_count(curve: torch.Tensor, alpha: float, strict: bool = False) -> int:
+    """Largest k with ToD(k) ≤ α (``strict``: < α); 0 if none. ToD is not monotone, so all k are scanned."""
+    ok = curve < alpha if strict else curve <= alpha
+    hits = torch.nonzero(ok).flatten()
+    return int(hits[-1]) + 1 if len(hits) else 0
+
+
+def tod_counts(curves: list[torch.Tensor], alpha: float) -> list[int]:
+    """k_l(α) for every layer."""
+    return [tod_count(c, alpha) for c in curves]
+
+
+def match_budget(curves: list[torch.Tensor], next_r: list[torch.Tensor], total: int) -> tuple[list[int], float]:
+    """Per-layer counts summing to exactly ``total`` and the tolerance α* (METHOD.md §3).
+
+    α* is the smallest value ToD takes anywhere with Σ_l k_l(α*) ≥ total. Every layer first gets
+    k_l(α* − ε); the rest is handed out one unit at a time among the layers whose count jumps at α*,
+    each time to the layer whose next removal candidate has the lowest protection score.
+
+    Args:
+        curves: ToD curves, one float64 [n_max_l] per layer.
+        next_r: per layer, protection scores in removal order [n_max_l] (entry j: R of rem[j]).
+        total: units to remove over all layers.
+    """
+    capacity = sum(len(c) for c in curves)
+    if total > capacity:
+        raise FairMoeError(f"cannot remove {total} units: at most {capacity} can go while every layer keeps its minimum")
+    if total <= 0:
+        return [0] * len(curves), 0.0
+    values = torch.unique(torch.cat([c for c in curves if len(c)] + [torch.zeros(1, dtype=torch.float64)]))
+    lo, hi = 0, len(values) - 1  # values[hi] is the largest ToD value, where every layer reaches n_max
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(tod_counts(curves, float(values[mid]))) >= total:
+            hi = mid
+        else:
+            lo = mid + 1
+    alpha = float(values[lo])
+    counts = [tod_count(c, alpha, strict=True) for c in curves]
+    ceilings = tod_counts(curves, alpha)
+    for _ in range(total - sum(counts)):
+        open_layers = [i for i in range(len(curves)) if counts[i] < ceilings[i]]
+        best = min(open_layers, key=lambda i: (float(next_r[i][counts[i]]), i))
+        counts[best] += 1
+    return counts, alpha
+
+
+def tod(u: torch.Tensor, r: torch.Tensor, n_max: list[int], total: int | None = None, alpha: float | None = None) -> Allocation:
+    """ToD allocation over layers; exactly one of ``total`` (budget match) or ``alpha`` (tolerance).
+
+    Args:
+        u, r: removal and protection scores [L, n].
+        n_max: per layer, the most units that may go (n − min_keep).
+    """
+    if (total is None) == (alpha is None):
+        raise ValueError("pass exactly one of total or alpha")
+    orders = [removal_order(u[i]) for i in range(len(u))]
+    curves = [tod_curve(u[i], r[i], n_max[i]) for i in range(len(u))]
+    if alpha is not None:
+        counts = tod_counts(curves, alpha)
+    else:
+        next_r = [r[i].double()[orders[i][: n_max[i]]] for i in range(len(u))]
+        counts, alpha = match_budget(curves, next_r, total)
+    return Allocation(removed=[orders[i][: counts[i]].tolist() for i in range(len(u))], alpha=alpha)
+
+
+def uniform(u: torch.Tensor, per_layer: int) -> Allocation:
+    """The ``per_layer`` lowest-U units of every layer [L, n]."""
+    return Allocation(removed=[removal_order(row)[:per_layer].tolist() for row in u])
+
+
+def global_(u: torch.Tensor, n_max: list[int], total: int) -> Allocation:
+    """The ``total`` lowest units over all layers after dividing U by its layer's mean U.
+
+    A layer stops giving units once it reaches ``n_max``. Ties: lower layer, then lower unit id.
+    """
+    means = u.double().mean(dim=1, keepdim=True)
+    normalised = u.double() / torch.where(means > 0, means, torch.ones_like(means))
+    flat_order = torch.sort(normalised.flatten(), stable=True).indices
+    n = u.shape[1]
+    removed: list[list[int]] = [[] for _ in range(len(u))]
+    left = total
+    for flat in flat_order.tolist():
+        if left == 0:
+            break
+        layer, unit = divmod(flat, n)
+        if len(removed[layer]) < n_max[layer]:
+            removed[layer].append(unit)
+            left -= 1
+    if left:
+        raise FairMoeError(f"cannot remove {total} units: layers can only give {total - left}")
+    return Allocation(removed=removed)

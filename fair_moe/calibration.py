@@ -1,0 +1,129 @@
+"""Calibration text: where it comes from, and how it becomes token batches.
+
+A *source* is one class for the Wasserstein signal: one ``--calib-file``, one ``--calib-config`` of
+a dataset, or one file of the bundled sample. Each source's texts are tokenised, joined with the EOS
+token and cut into non-overlapping windows of ``seq_len`` tokens; ``samples`` windows are drawn (with
+the seed) as evenly as possible from every source, and each batch holds windows of one source only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fair_moe.errors import FairMoeError
+
+log = logging.getLogger(__name__)
+DATA_DIR = Path(__file__).parent / "data"
+BUNDLED_CALIB_DIR = DATA_DIR / "calib"
+BUNDLED_HELDOUT_DIR = DATA_DIR / "heldout"
+DEMO_MODEL_DIR = DATA_DIR / "demo_model"
+
+
+@dataclass
+class CalibrationSource:
+    """Texts of one calibration class."""
+
+    name: str
+    texts: list[str]
+
+
+def read_text_file(path: Path, text_field: str = "text") -> list[str]:
+    """A .txt file is one text; a .jsonl file gives one text per line from ``text_field``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FairMoeError(f"calibration file {path} does not exist: check --calib-file")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FairMoeError(f"{path}:{n} is not valid JSON ({err.msg}): fix the file or pass a .txt file") from err
+            if not isinstance(record, dict) or text_field not in record:
+                raise FairMoeError(f"{path}:{n} has no {text_field!r} field: set --text-field to the field holding the text")
+            texts.append(str(record[text_field]))
+    else:
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    if not any(t.strip() for t in texts):
+        raise FairMoeError(f"calibration file {path} holds no text: pass a file with text to --calib-file")
+    return texts
+
+
+def sources_from_files(paths: list[Path], text_field: str = "text") -> list[CalibrationSource]:
+    return [CalibrationSource(Path(p).stem, read_text_file(p, text_field)) for p in paths]
+
+
+def bundled_sources() -> list[CalibrationSource]:
+    """The sample shipped with fair_moe (one class per domain of the demo model's text)."""
+    return sources_from_files(sorted(BUNDLED_CALIB_DIR.glob("*.txt")))
+
+
+def sources_from_dataset(
+    name: str, configs: list[str | None], split: str, text_field: str, max_texts: int = 20_000
+) -> list[CalibrationSource]:
+    """One source per dataset config, read with ``datasets`` (a Hub id or a local data folder/file)."""
+    import datasets
+
+    sources = []
+    for config in configs:
+        try:
+            data = datasets.load_dataset(name, config, split=split)
+        except Exception as err:  # datasets raises many unrelated types for "not found" / offline
+            raise FairMoeError(
+                f"cannot load --calib-dataset {name!r} (config {config!r}, split {split!r}): {err}. "
+                "Check --calib-dataset/--calib-config/--calib-split, or pass local text with --calib-file"
+            ) from err
+        if text_field not in data.column_names:
+            raise FairMoeError(
+                f"--calib-dataset {name!r} has no column {text_field!r} (columns: {', '.join(data.column_names)}): set --text-field"
+            )
+        texts = [t for t in data[text_field][:max_texts] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise FairMoeError(f"--calib-dataset {name!r} gave no text in column {text_field!r}")
+        sources.append(CalibrationSource(f"{name}/{config}" if config else name, texts))
+    return sources
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts tokenised and joined with EOS [n_tokens]."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_batches(
+    tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int
+) -> list[tuple[int, torch.Tensor]]:
+    """[(source index, input_ids [B, seq_len])], ``samples`` windows spread evenly over the sources."""
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
+    gen = torch.Generator().manual_seed(seed)
+    per_source = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
+    batches = []
+    for klass, (source, wanted) in enumerate(zip(sources, per_source)):
+        stream = token_stream(tokenizer, source.texts)
+        available = len(stream) // seq_len
+        if available == 0:
+            raise FairMoeError(
+                f"calibration source {source.name!r} has only {len(stream)} tokens, fewer than --seq-len {seq_len}: "
+                "pass more text or lower --seq-len"
+            )
+        if wanted == 0:
+            continue
+        if available < wanted:
+            log.warning("calibration source %r gives %d windows of %d tokens, not %d", source.name, available, seq_len, wanted)
+        chosen = torch.randperm(available, generator=gen)[:wanted].sort().values
+        windows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in chosen.tolist()])
+        batches.extend((klass, windows[i : i + batch_size]) for i in range(0, len(windows), batch_size))
+    return batches

@@ -1,0 +1,43 @@
+"""The reference every pruned model must equal: the original with removed experts unreachable.
+
+Inside ``masked_experts`` each router's real logits are kept, the removed experts' logits are set
+to -inf, and the top-k weights and ids are recomputed the way the family's router computes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fair_moe.adapters import get_adapter
+
+
+@contextlib.contextmanager
+def masked_experts(model: nn.Module, kept: dict[int, list[int]]) -> Iterator[None]:
+    """Make every expert not in ``kept[layer index]`` unreachable for the duration of the block."""
+    adapter = get_adapter(model.config)
+    handles = []
+    try:
+        for layer in adapter.moe_layers(model):
+            if layer.index not in kept:
+                continue
+            removed = torch.ones(layer.num_experts, dtype=torch.bool)
+            removed[list(kept[layer.index])] = False
+            handles.append(layer.router.register_forward_hook(_mask_hook(adapter, removed)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mask_hook(adapter, removed: torch.Tensor):
+    def hook(router, args, output):
+        logits = adapter.router_logits(output)
+        masked = logits.masked_fill(removed.to(logits.device), float("-inf"))
+        weights, ids = adapter.route_from_logits(router, masked)
+        return adapter.replace_router_output(output, logits, weights, ids)
+
+    return hook

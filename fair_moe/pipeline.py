@@ -1,0 +1,199 @@
+"""The Python API: calibrate → allocate → rewrite, each step usable on its own.
+
+    from fair_moe import prune_model
+    pruned, plan = prune_model(model, tokenizer, ["some text", ...], budget=0.25)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fair_moe import allocate
+from fair_moe.adapters import get_adapter
+from fair_moe.calibration import CalibrationSource, make_batches
+from fair_moe.errors import FairMoeError
+from fair_moe.plan import PrunePlan
+from fair_moe.rewrite import apply_plan
+from fair_moe.scores import Scores, model_fingerprint
+from fair_moe.signals import REMOVAL_SIGNALS, run_calibration
+
+log = logging.getLogger(__name__)
+ALLOCATIONS = ("tod", "uniform", "global")
+PROTECTIONS = ("taylor",)
+
+
+@dataclass
+class PlanSettings:
+    """How a plan is chosen. Exactly one of ``budget`` (fraction of routed experts removed model-wide)
+    and ``tolerance`` (the paper's α, ToD only) is set."""
+
+    budget: float | None = 0.25
+    tolerance: float | None = None
+    allocation: str = "tod"
+    removal: str = "reap"
+    protection: str = "taylor"
+    min_keep: int | None = None  # default: the router's top_k
+
+    def validate(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise FairMoeError(f"--allocation {self.allocation!r} is unknown: use one of {', '.join(ALLOCATIONS)}")
+        if self.removal not in REMOVAL_SIGNALS:
+            raise FairMoeError(f"--removal {self.removal!r} is unknown: use one of {', '.join(REMOVAL_SIGNALS)}")
+        if self.protection not in PROTECTIONS:
+            raise FairMoeError(f"--protection {self.protection!r} is unknown: use one of {', '.join(PROTECTIONS)}")
+        if (self.budget is None) == (self.tolerance is None):
+            raise FairMoeError("pass exactly one of --budget and --tolerance")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise FairMoeError(f"--budget {self.budget} must be a fraction strictly between 0 and 1 (e.g. 0.25)")
+        if self.tolerance is not None:
+            if self.allocation != "tod":
+                raise FairMoeError("--tolerance sets ToD's α directly: use it with --allocation tod, or pass --budget")
+            if not 0 <= self.tolerance <= 1:
+                raise FairMoeError(f"--tolerance {self.tolerance} must be in [0, 1]")
+
+
+def removed_per_layer(budget: float, num_experts: int) -> int:
+    """round(b·E) with halves rounded up, so 0.5 × 7 removes 4."""
+    return int(math.floor(budget * num_experts + 0.5))
+
+
+def check_budget(settings: PlanSettings, num_experts: int, top_k: int, num_layers: int) -> int:
+    """Validate the budget against the model before any calibration; returns experts removed in total."""
+    settings.validate()
+    min_keep = settings.min_keep if settings.min_keep is not None else top_k
+    if min_keep < top_k:
+        raise FairMoeError(f"--min-keep {min_keep} is below the router's top_k={top_k}: every layer must keep ≥ top_k experts")
+    if settings.budget is None:
+        return -1
+    per_layer = removed_per_layer(settings.budget, num_experts)
+    if per_layer == 0:
+        raise FairMoeError(f"--budget {settings.budget} removes round({settings.budget}×{num_experts}) = 0 experts per layer: raise --budget")
+    if num_experts - per_layer < min_keep:
+        raise FairMoeError(
+            f"--budget {settings.budget} is too aggressive: it removes {per_layer} of {num_experts} experts per layer, "
+            f"leaving {num_experts - per_layer}, but the router selects top_k={top_k} (minimum kept {min_keep}); "
+            f"use --budget ≤ {(num_experts - min_keep) / num_experts:.4f}"
+        )
+    return per_layer * num_layers
+
+
+def compute_scores(
+    model: nn.Module,
+    tokenizer,
+    sources: list[CalibrationSource],
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> Scores:
+    """One calibration pass over ``sources``; every removal signal and the Taylor protection."""
+    adapter = get_adapter(model.config)
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise FairMoeError(f"the model ({model.config.model_type}) has no MoE layers to prune")
+    batches = make_batches(tokenizer, sources, samples, seq_len, batch_size, seed)
+    removal, protection, tokens = run_calibration(model, layers, batches, len(sources), seed, progress)
+    meta = {
+        "model_type": model.config.model_type,
+        "num_experts": layers[0].num_experts,
+        "top_k": layers[0].top_k,
+        "groups": layers[0].groups,
+        "fingerprint": model_fingerprint(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()}),
+        "calibration": {
+            "sources": [s.name for s in sources],
+            "samples": sum(len(b) for _, b in batches),
+            "seq_len": seq_len,
+            "tokens": tokens,
+            "seed": seed,
+        },
+    }
+    scores = Scores([layer.index for layer in layers], removal, protection, meta)
+    scores.check_finite()
+    return scores
+
+
+def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = None) -> PrunePlan:
+    """Allocate from saved scores. Budgets are exact: L × round(b·E) experts removed."""
+    num_experts, top_k = int(scores.meta["num_experts"]), int(scores.meta["top_k"])
+    num_layers = len(scores.layer_indices)
+    total = check_budget(settings, num_experts, top_k, num_layers)
+    if settings.removal not in scores.removal:
+        raise FairMoeError(
+            f"--removal {settings.removal} was not computed for these scores "
+            f"(have: {', '.join(sorted(scores.removal))}); wasserstein needs ≥ 2 calibration sources (--calib-file twice)"
+        )
+    u = scores.removal[settings.removal]
+    r = scores.protection
+    min_keep = settings.min_keep if settings.min_keep is not None else top_k
+    n_max = [num_experts - min_keep] * num_layers
+    if settings.allocation == "uniform":
+        result = allocate.uniform(u, total // num_layers)
+    elif settings.allocation == "global":
+        result = allocate.global_(u, n_max, total)
+    elif settings.budget is not None:
+        result = allocate.tod(u, r, n_max, total=total)
+    else:
+        result = allocate.tod(u, r, n_max, alpha=settings.tolerance)
+    kept = {
+        index: sorted(set(range(num_experts)) - set(removed))
+        for index, removed in zip(scores.layer_indices, result.removed)
+    }
+    return PrunePlan(
+        model_type=scores.meta["model_type"],
+        num_experts=num_experts,
+        top_k=top_k,
+        kept_experts=kept,
+        settings={
+            "allocation": settings.allocation,
+            "removal": settings.removal,
+            "protection": settings.protection,
+            "budget": settings.budget,
+            "tolerance": settings.tolerance,
+            "min_keep": min_keep,
+            "calibration": scores.meta.get("calibration"),
+        },
+        alpha=result.alpha,
+        base_model=base_model,
+    )
+
+
+def prune_model(
+    model: nn.Module,
+    tokenizer,
+    calibration: list[str] | list[CalibrationSource] | Scores,
+    budget: float | None = 0.25,
+    *,
+    tolerance: float | None = None,
+    allocation: str = "tod",
+    removal: str = "reap",
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, PrunePlan]:
+    """Calibrate (unless given Scores), allocate and slice ``model`` in place.
+
+    ``calibration`` is a list of texts (one class), a list of CalibrationSource (one class each),
+    or the Scores of an earlier run. Returns the pruned model and its plan.
+    """
+    settings = PlanSettings(budget=budget if tolerance is None else None, tolerance=tolerance, allocation=allocation, removal=removal)
+    adapter = get_adapter(model.config)
+    check_budget(settings, adapter.num_experts(model.config), adapter.top_k(model.config), 1)
+    if isinstance(calibration, Scores):
+        scores = calibration
+    else:
+        sources = calibration
+        if sources and isinstance(sources[0], str):
+            sources = [CalibrationSource("texts", list(calibration))]
+        scores = compute_scores(model, tokenizer, sources, samples, seq_len, batch_size, seed, progress)
+    plan = make_plan(scores, settings, base_model=getattr(model.config, "_name_or_path", None) or None)
+    with torch.no_grad():
+        apply_plan(model, plan)
+    return model, plan

@@ -1,0 +1,72 @@
+"""``PrunePlan``: the one object passed from allocation to rewriting, saved as fair_moe_plan.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fair_moe.errors import FairMoeError
+
+PLAN_FILE = "fair_moe_plan.json"
+
+
+@dataclass
+class PrunePlan:
+    """Kept expert ids per MoE layer (decoder layer index → sorted original ids) plus how they were chosen.
+
+    ``settings`` records the method (allocation, removal, protection, budget or tolerance, calibration);
+    ``alpha`` is α* for ToD plans (None otherwise).
+    """
+
+    model_type: str
+    num_experts: int
+    top_k: int
+    kept_experts: dict[int, list[int]]
+    settings: dict = field(default_factory=dict)
+    alpha: float | None = None
+    base_model: str | None = None
+
+    @property
+    def kept_counts(self) -> dict[int, int]:
+        return {layer: len(ids) for layer, ids in sorted(self.kept_experts.items())}
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.kept_counts.values())) <= 1
+
+    @property
+    def removed_total(self) -> int:
+        return sum(self.num_experts - n for n in self.kept_counts.values())
+
+    def to_json(self) -> str:
+        from fair_moe import __version__
+
+        data = asdict(self)
+        data["kept_experts"] = {str(k): sorted(v) for k, v in sorted(self.kept_experts.items())}
+        data["kept_counts"] = {str(k): v for k, v in self.kept_counts.items()}
+        data["removed_total"] = self.removed_total
+        data["fair_moe_version"] = __version__
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / PLAN_FILE).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> PrunePlan:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FairMoeError(f"cannot read plan {path}: {err}") from err
+        return cls(
+            model_type=data["model_type"],
+            num_experts=data["num_experts"],
+            top_k=data["top_k"],
+            kept_experts={int(k): list(v) for k, v in data["kept_experts"].items()},
+            settings=data.get("settings", {}),
+            alpha=data.get("alpha"),
+            base_model=data.get("base_model"),
+        )

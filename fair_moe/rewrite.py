@@ -1,0 +1,187 @@
+"""Checkpoint surgery: slice the removed experts out and write a loadable checkpoint (METHOD.md §4).
+
+Router rows (and router bias / selection bias) and every per-expert tensor are sliced along the
+expert dimension, kept experts in their original relative order. A plan with one count everywhere
+gives the stock architecture with the count field updated; different counts per layer add
+``fair_moe_experts_per_layer`` to the config and a modeling file registered through ``auto_map``.
+Everything is written to a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from fair_moe import modeling_template
+from fair_moe.adapters import get_adapter
+from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.errors import FairMoeError
+from fair_moe.plan import PrunePlan
+
+log = logging.getLogger(__name__)
+MODELING_FILE = "modeling_fair_moe.py"
+
+
+def expert_tensor_names(module: nn.Module, num_experts: int) -> list[str]:
+    """Direct parameters and buffers of ``module`` whose first dimension is the expert dimension."""
+    tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+    return sorted(name for name, t in tensors.items() if t.dim() >= 1 and t.shape[0] == num_experts)
+
+
+def _slice_module(module: nn.Module, names: list[str], keep: torch.Tensor) -> None:
+    for name in names:
+        if name in module._parameters:
+            old = module._parameters[name]
+            new = old.detach().index_select(0, keep.to(old.device)).clone()
+            module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            old = module._buffers[name]
+            module._buffers[name] = old.index_select(0, keep.to(old.device)).clone()
+
+
+def check_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """The plan must name every MoE layer of this model with valid, distinct ids and ≥ top_k kept."""
+    adapter = get_adapter(model.config)
+    layers = {layer.index: layer for layer in adapter.moe_layers(model)}
+    if set(plan.kept_experts) != set(layers):
+        raise FairMoeError(f"plan layers {sorted(plan.kept_experts)} do not match the model's MoE layers {sorted(layers)}")
+    for index, kept in plan.kept_experts.items():
+        layer = layers[index]
+        if len(set(kept)) != len(kept) or not all(0 <= e < layer.num_experts for e in kept):
+            raise FairMoeError(f"plan layer {index}: kept ids must be distinct and in [0, {layer.num_experts})")
+        if len(kept) < layer.top_k:
+            raise FairMoeError(f"plan layer {index} keeps {len(kept)} experts, fewer than the router's top_k={layer.top_k}")
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Slice ``model`` in place to the plan and update its config. Returns the same model."""
+    check_plan(model, plan)
+    adapter = get_adapter(model.config)
+    original = adapter.num_experts(model.config)
+    layout = _layout(adapter, model, original)
+    per_layer_config = not plan.is_uniform
+    for layer in adapter.moe_layers(model):
+        kept = sorted(plan.kept_experts[layer.index])
+        keep = torch.tensor(kept, dtype=torch.long)
+        for module, names in ((layer.router, layout["router_tensors"]), (layer.experts, layout["experts_tensors"])):
+            _slice_module(module, names, keep)
+            for attr in adapter.count_attributes:
+                if hasattr(module, attr):
+                    setattr(module, attr, len(kept))
+            if per_layer_config and getattr(module, "config", None) is model.config:
+                module.config = copy.copy(model.config)
+                adapter.set_count(module.config, len(kept))
+    counts = plan.kept_counts
+    adapter.set_count(model.config, max(counts.values()))
+    for attr in adapter.count_attributes:
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, max(counts.values()))
+    if per_layer_config:
+        model.config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
+        model.config.fair_moe_layout = layout
+        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+    return model
+
+
+def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) -> dict:
+    first = adapter.moe_layers(model)[0]
+    return {
+        "layers_path": adapter.layers_path,
+        "block_attr": adapter.block_attr,
+        "router_attr": adapter.router_attr,
+        "experts_attr": adapter.experts_attr,
+        "router_tensors": expert_tensor_names(first.router, num_experts),
+        "experts_tensors": expert_tensor_names(first.experts, num_experts),
+        "count_attributes": list(adapter.count_attributes),
+        "count_field": adapter.count_field,
+    }
+
+
+def modeling_source(model: nn.Module) -> str:
+    """The per-layer modeling file, its base class pointed at the model's own transformers class."""
+    source = inspect.getsource(modeling_template)
+    cls = type(model)
+    if getattr(cls, "__module__", "").endswith("modeling_fair_moe"):
+        cls = cls.__mro__[1]  # re-pruning a non-uniform checkpoint: point at the stock class again
+    line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"
+    return re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, source, count=1, flags=re.M)
+
+
+def save_pruned(model: nn.Module, folder: Path, dtype: torch.dtype | None = None, tokenizer=None) -> None:
+    """Write weights, config, generation config, tokenizer and (non-uniform) the modeling file."""
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if getattr(model.config, "fair_moe_experts_per_layer", None):
+        (Path(folder) / MODELING_FILE).write_text(modeling_source(model))
+
+
+def verify_expert_keys(folder: Path, plan: PrunePlan, layers_path: str = "model.layers") -> None:
+    """Every saved layer holds exactly the planned number of experts, numbered 0 … n−1."""
+    pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\..*?\.experts\.(\d+)\.")
+    found: dict[int, set[int]] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                match = pattern.match(key)
+                if match:
+                    found.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    for layer, count in plan.kept_counts.items():
+        ids = found.get(layer)
+        if ids is not None and ids != set(range(count)):
+            raise RuntimeError(f"saved layer {layer} holds experts {sorted(ids)}, expected 0..{count - 1}")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """An existing non-empty --out is an error unless --overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FairMoeError(f"--out {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FairMoeError(f"--out {out} exists and is not empty: choose another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def _temporary_sibling(out: Path, tag: str) -> Iterator[Path]:
+    tmp = out.parent / f".{out.name}.{tag}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Call ``write(tmp)`` on a temporary sibling folder, then move it to ``out`` only if it succeeded.
+
+    On any error nothing at ``out`` is created or changed.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_sibling(out, "fair_moe-partial") as tmp:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.fair_moe-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    log.info("wrote %s", out)

@@ -1,0 +1,76 @@
+"""Calibration scores for every expert of every MoE layer, saved as safetensors.
+
+``fair_moe_scores.safetensors`` holds ``removal.<signal> [L, E]`` for every removal signal that was
+computed, ``protection.taylor [L, E]``, ``layer_indices [L]``, and in its metadata the model
+fingerprint and the calibration settings, so a later ``--scores`` run can re-prune at any budget
+without calibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from fair_moe.errors import FairMoeError
+
+SCORES_FILE = "fair_moe_scores.safetensors"
+
+
+@dataclass
+class Scores:
+    """Per-expert scores, rows in the order of ``layer_indices`` (decoder layer indices)."""
+
+    layer_indices: list[int]
+    removal: dict[str, torch.Tensor]
+    protection: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        for name, tensor in [*self.removal.items(), ("taylor", self.protection)]:
+            if not torch.isfinite(tensor).all():
+                bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+                raise FairMoeError(
+                    f"score {name!r} holds NaN or inf (first at layer row {bad[0]}, expert {bad[1]}); the model or "
+                    "the calibration data produced non-finite activations: try --dtype float32 or other --calib-file text"
+                )
+
+    def save(self, path: Path) -> None:
+        tensors = {f"removal.{k}": v.double().contiguous() for k, v in self.removal.items()}
+        tensors["protection.taylor"] = self.protection.double().contiguous()
+        tensors["layer_indices"] = torch.tensor(self.layer_indices, dtype=torch.int64)
+        save_file(tensors, str(path), metadata={"fair_moe": json.dumps(self.meta, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: Path) -> Scores:
+        path = Path(path)
+        if path.is_dir():
+            path = path / SCORES_FILE
+        if not path.is_file():
+            raise FairMoeError(f"scores file {path} does not exist: pass the {SCORES_FILE} of an earlier run to --scores")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("fair_moe", "{}"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise FairMoeError(f"--scores {path} is not a fair_moe scores file: {err}") from err
+        if "protection.taylor" not in tensors or "layer_indices" not in tensors:
+            raise FairMoeError(f"--scores {path} is not a fair_moe scores file (no protection.taylor / layer_indices)")
+        removal = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("removal.")}
+        scores = cls(tensors["layer_indices"].tolist(), removal, tensors["protection.taylor"], meta)
+        scores.check_finite()
+        return scores
+
+
+def model_fingerprint(config, shapes: dict[str, tuple[int, ...]]) -> str:
+    """Hash of the config (minus bookkeeping fields) and every tensor's name and shape."""
+    cfg = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_commit_hash"):
+        cfg.pop(key, None)
+    blob = json.dumps({"config": cfg, "shapes": sorted((k, list(v)) for k, v in shapes.items())}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,189 @@
+"""One calibration pass that collects every removal signal and the Taylor protection signal.
+
+The experts module of each MoE layer is temporarily given a forward that calls the module's own
+forward once per hit expert (with that expert alone, weight 1) to get f_e(x) for exactly the tokens
+the router sent to it, and then combines ``f_e(x) · g`` the way the stock module does. Nothing runs
+an expert on a token it was not routed to; the routing used is the model's own top-k ids and weights.
+
+The Taylor score needs ∂L/∂y only: a gradient hook on f_e(x) sees g · ∂L/∂y, so
+⟨hook grad, f_e(x)⟩ summed over tokens is Σ_t ⟨∂L/∂y_t, g_t f_e(x_t)⟩ = Σ (∂L/∂W_down ⊙ W_down).
+Parameters are frozen during the pass; the embedding output is made to require grad instead, so no
+parameter gradient is ever stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fair_moe.adapters.base import MoELayer
+from fair_moe.signals.wasserstein import max_pairwise_wasserstein
+
+REMOVAL_SIGNALS = ("reap", "frequency", "ean", "wasserstein", "random")
+
+
+class LayerAccumulator:
+    """Running sums for one layer, all float64 [E]; per-class routed values for the Wasserstein signal."""
+
+    def __init__(self, num_experts: int, num_classes: int):
+        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.ean = torch.zeros(num_experts, dtype=torch.float64)
+        self.reap_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self.taylor = torch.zeros(num_experts, dtype=torch.float64)
+        self.class_values: list[list[list[torch.Tensor]]] = [[[] for _ in range(num_experts)] for _ in range(num_classes)]
+
+    def update(self, expert: int, klass: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Record expert ``expert`` on its routed tokens: weights g [n], outputs f_e(x) [n, H]."""
+        norms = outputs.detach().double().norm(dim=-1)
+        gated = weights.detach().double() * norms
+        self.count[expert] += len(norms)
+        self.ean[expert] += norms.sum().item()
+        self.reap_sum[expert] += gated.sum().item()
+        self.class_values[klass][expert].append(gated.float().cpu())
+
+    def add_taylor(self, expert: int, grad: torch.Tensor, outputs: torch.Tensor) -> None:
+        self.taylor[expert] += (grad.double() * outputs.detach().double()).sum().item()
+
+
+class SignalCollector:
+    """Collects signals over calibration batches for the given MoE layers.
+
+    Set ``current_class`` before each batch (the calibration source the batch came from) and
+    ``class_tokens[c]`` is incremented by the caller with the batch's token count.
+    """
+
+    def __init__(self, layers: list[MoELayer], num_classes: int):
+        self.layers = layers
+        self.num_classes = num_classes
+        self.acc = [LayerAccumulator(layer.num_experts, num_classes) for layer in layers]
+        self.class_tokens = [0] * num_classes
+        self.current_class = 0
+        self.track_taylor = True
+
+    @contextlib.contextmanager
+    def instrument(self) -> Iterator[None]:
+        """Patch every experts module for the duration of the block; always restored."""
+        patched = []
+        try:
+            for layer, acc in zip(self.layers, self.acc):
+                self._patch(layer.experts, acc)
+                patched.append(layer.experts)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _patch(self, experts: nn.Module, acc: LayerAccumulator) -> None:
+        original = experts.forward
+        collector = self
+
+        def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            # hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]
+            final = torch.zeros_like(hidden_states)
+            num_experts = acc.count.shape[0]
+            by_slot = top_k_index.t()  # [k, T]: the stock loop's order (slot-major) inside each expert
+            for expert in torch.unique(top_k_index).tolist():
+                if expert < 0 or expert >= num_experts:
+                    continue
+                slot, token = torch.where(by_slot == expert)
+                outputs = original(
+                    hidden_states[token],
+                    torch.full((len(token), 1), expert, dtype=top_k_index.dtype, device=top_k_index.device),
+                    torch.ones((len(token), 1), dtype=top_k_weights.dtype, device=top_k_weights.device),
+                    *args,
+                    **kwargs,
+                )
+                weights = top_k_weights[token, slot]
+                final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
+                acc.update(expert, collector.current_class, weights, outputs)
+                if collector.track_taylor and outputs.requires_grad:
+                    outputs.register_hook(_taylor_hook(acc, expert, outputs))
+            return final
+
+        experts.forward = types.MethodType(forward, experts)
+
+    def result(self, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Removal signals {name: [L, E]} and the Taylor protection [L, E], all float64."""
+        count = torch.stack([a.count for a in self.acc])
+        reap = torch.stack([a.reap_sum for a in self.acc]) / count.clamp_min(1)
+        removal = {
+            "reap": reap,
+            "frequency": count,
+            "ean": torch.stack([a.ean for a in self.acc]),
+            "random": torch.rand(count.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
+        }
+        if self.num_classes >= 2 and all(self.class_tokens):
+            removal["wasserstein"] = torch.stack([self._wasserstein(a) for a in self.acc])
+        protection = torch.stack([a.taylor for a in self.acc]).abs()
+        return removal, protection
+
+    def _wasserstein(self, acc: LayerAccumulator) -> torch.Tensor:
+        """Per expert: max over class pairs of W1 between per-token g·‖f‖ distributions (0 if not routed)."""
+        num_experts = acc.count.shape[0]
+        samples = []
+        for klass, per_expert in enumerate(acc.class_values):
+            dense = torch.zeros(self.class_tokens[klass], num_experts, dtype=torch.float64)
+            for expert, chunks in enumerate(per_expert):
+                if chunks:
+                    values = torch.cat(chunks).double()
+                    dense[: len(values), expert] = values
+            samples.append(dense)
+        return max_pairwise_wasserstein(samples)
+
+
+def _taylor_hook(acc: LayerAccumulator, expert: int, outputs: torch.Tensor):
+    def hook(grad: torch.Tensor) -> None:
+        acc.add_taylor(expert, grad, outputs)
+
+    return hook
+
+
+@contextlib.contextmanager
+def activation_gradients_only(model: nn.Module) -> Iterator[None]:
+    """Freeze parameters and make the embedding output require grad, so backward stores no parameter grads."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+
+
+def run_calibration(
+    model: nn.Module,
+    layers: list[MoELayer],
+    batches: list[tuple[int, torch.Tensor]],
+    num_classes: int,
+    seed: int,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Forward + backward over ``batches`` ([(class id, input_ids [B, S])]) collecting every signal.
+
+    Returns removal signals {name: [L, E]}, Taylor protection [L, E] and the number of tokens seen.
+    """
+    collector = SignalCollector(layers, num_classes)
+    device = next(model.parameters()).device
+    tokens = 0
+    with activation_gradients_only(model), collector.instrument():
+        for klass, input_ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            collector.current_class = klass
+            collector.class_tokens[klass] += input_ids.numel()
+            tokens += input_ids.numel()
+            input_ids = input_ids.to(device)
+            out = model(input_ids=input_ids, labels=input_ids, use_cache=False, output_router_logits=False)
+            out.loss.backward()
+    removal, protection = collector.result(seed)
+    return removal, protection, tokens
