@@ -184,4 +184,3 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    log.info("wrote %s", out)

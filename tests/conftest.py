@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen2MoeConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -62,3 +67,49 @@ def tiny_qwen2_moe():
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()
+
+
+def train_tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in a fraction of a second on a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["def function(x):\n    return x + 1\n", "Permission is hereby granted, free of charge, to any person"] * 20
+    tok.train_from_iterator(text, trainer=trainer)
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+
+
+def write_checkpoint(folder, config, seed: int = 0):
+    tokenizer = train_tiny_tokenizer()
+    config.vocab_size = len(tokenizer)
+    model = build_model(config, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny qwen2_moe checkpoint (float32) with its tokenizer."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_moe"), tiny_qwen2_moe_config())
+
+
+@pytest.fixture(scope="session")
+def calib_files(tmp_path_factory):
+    """Two calibration classes (code-like and licence-like text), long enough for 8 × 32-token windows."""
+    import random
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("calib")
+    code = "\n".join(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {i}" for i in range(120))
+    legal = " ".join(rng.choice(["permission", "granted", "free", "charge", "person", "software", "the", "to", "of"]) for _ in range(900))
+    (folder / "code.txt").write_text(code)
+    (folder / "legal.jsonl").write_text("\n".join('{"text": "%s"}' % legal[i : i + 400] for i in range(0, len(legal), 400)))
+    return [folder / "code.txt", folder / "legal.jsonl"]

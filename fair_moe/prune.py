@@ -1,0 +1,320 @@
+"""Prune the routed experts of a Hugging Face MoE model with Tolerance-of-Difference allocation.
+
+    python -m fair_moe.prune --model fair_moe/data/demo_model --out /tmp/pruned --budget 0.25
+    python -m fair_moe.prune --model Qwen/Qwen1.5-MoE-A2.7B-Chat --calib-file a.txt --calib-file b.jsonl \\
+        --budget 0.25 --out qwen-pruned
+    python -m fair_moe.prune --model M --scores qwen-pruned/fair_moe_scores.safetensors --budget 0.5 --out q50
+    python -m fair_moe.prune --list-models
+
+All input is checked before the model is loaded or calibrated; on any error nothing is written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from fair_moe.adapters import get_adapter, supported_model_types
+from fair_moe.calibration import (
+    BUNDLED_CALIB_DIR,
+    CalibrationSource,
+    bundled_sources,
+    sources_from_dataset,
+    sources_from_files,
+)
+from fair_moe.errors import FairMoeError
+from fair_moe.pipeline import ALLOCATIONS, PROTECTIONS, PlanSettings, check_budget, compute_scores, make_plan
+from fair_moe.plan import PrunePlan
+from fair_moe.scores import SCORES_FILE, Scores, model_fingerprint
+from fair_moe.signals import REMOVAL_SIGNALS
+
+log = logging.getLogger("fair_moe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fair_moe.prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", help="local checkpoint folder or Hub id")
+    p.add_argument("--out", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--list-models", action="store_true", help="print the supported model types and exit")
+
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-file", type=Path, action="append", default=[], help=".txt or .jsonl; repeatable, one class each")
+    c.add_argument("--calib-dataset", help="datasets name or local data path")
+    c.add_argument("--calib-config", help="dataset config; comma-separated for several classes")
+    c.add_argument("--calib-split", default="train")
+    c.add_argument("--text-field", default="text")
+    c.add_argument("--samples", type=int, default=128, help="calibration sequences in total (default 128)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+
+    b = p.add_argument_group("budget")
+    b.add_argument("--budget", type=float, help="fraction of routed experts removed model-wide (e.g. 0.25)")
+    b.add_argument("--tolerance", type=float, help="ToD tolerance α in [0, 1] instead of a budget")
+    b.add_argument("--min-keep", type=int, help="experts every layer keeps (default: the router's top_k)")
+
+    m = p.add_argument_group("method")
+    m.add_argument("--allocation", default="tod", choices=ALLOCATIONS)
+    m.add_argument("--removal", default="reap", choices=REMOVAL_SIGNALS)
+    m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
+
+    r = p.add_argument_group("reuse and runtime")
+    r.add_argument("--scores", type=Path, help=f"{SCORES_FILE} from an earlier run: no calibration")
+    r.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = the checkpoint's, but float32 on CPU for half-precision checkpoints. "
+                        "Weights are saved in the checkpoint's own dtype.")
+    r.add_argument("--ppl-file", type=Path, action="append", default=[],
+                   help="text file(s) to report dense vs. pruned perplexity on")
+
+    s = p.add_argument_group("safety")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--dry-run", action="store_true", help="validate model and budget, print the layout; no calibration")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the written checkpoint and comparing it with the masked original")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.list_models:
+        print("\n".join(supported_model_types()))
+        return 0
+    try:
+        run(args)
+    except FairMoeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def settings_from_args(args) -> PlanSettings:
+    if args.budget is None and args.tolerance is None:
+        raise FairMoeError("pass --budget FRACTION (e.g. 0.25) or --tolerance ALPHA")
+    settings = PlanSettings(
+        budget=args.budget, tolerance=args.tolerance, allocation=args.allocation, removal=args.removal,
+        protection=args.protection, min_keep=args.min_keep,
+    )
+    settings.validate()
+    return settings
+
+
+def calibration_sources(args) -> list[CalibrationSource]:
+    if args.calib_file and args.calib_dataset:
+        raise FairMoeError("pass --calib-file or --calib-dataset, not both")
+    if args.calib_file:
+        return sources_from_files(args.calib_file, args.text_field)
+    if args.calib_dataset:
+        configs = args.calib_config.split(",") if args.calib_config else [None]
+        return sources_from_dataset(args.calib_dataset, configs, args.calib_split, args.text_field)
+    log.warning(
+        "no calibration data given: using the small bundled sample in %s (code, licences, Python docs). "
+        "Pass text like your model's use with --calib-file FILE (repeatable) or --calib-dataset NAME.",
+        BUNDLED_CALIB_DIR,
+    )
+    return bundled_sources()
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise FairMoeError(f"--model {name} does not exist: pass a checkpoint folder or a Hub id (owner/name)")
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise FairMoeError(f"--model {name} has no config.json: pass a Hugging Face checkpoint folder")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise FairMoeError(f"cannot load --model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FairMoeError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    return torch.device(name)
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    dtype = checkpoint_dtype(config)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def describe_layout(config, adapter, settings: PlanSettings) -> list[str]:
+    layers = adapter.moe_layer_indices(config)
+    e, k = adapter.num_experts(config), adapter.top_k(config)
+    lines = [
+        f"model_type {config.model_type}: {config.num_hidden_layers} decoder layers, {len(layers)} MoE layers "
+        f"({layers[0]}…{layers[-1]}), {e} routed experts per layer, top_k={k}",
+    ]
+    if settings.budget is not None:
+        from fair_moe.pipeline import removed_per_layer
+
+        per = removed_per_layer(settings.budget, e)
+        lines.append(
+            f"budget {settings.budget}: remove {per * len(layers)} routed experts in total "
+            f"({per} per layer under uniform allocation; {settings.allocation} allocation decides the split)"
+        )
+    return lines
+
+
+def print_plan(plan: PrunePlan) -> None:
+    print(f"plan ({plan.settings['allocation']} + {plan.settings['removal']}"
+          + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "") + "):")
+    print("  layer  kept  removed")
+    for layer, n in plan.kept_counts.items():
+        print(f"  {layer:5d}  {n:4d}  {plan.num_experts - n:7d}")
+    print(f"  total  {sum(plan.kept_counts.values()):4d}  {plan.removed_total:7d}")
+
+
+def run(args) -> None:
+    if not args.model:
+        raise FairMoeError("--model is required (a checkpoint folder or Hub id)")
+    if not args.out and not args.dry_run:
+        raise FairMoeError("--out is required: the folder the pruned checkpoint is written to")
+    settings = settings_from_args(args)
+    if args.out:
+        from fair_moe.rewrite import check_output_dir
+
+        check_output_dir(args.out, args.overwrite)
+    config = load_config(args.model)
+    adapter = get_adapter(config)
+    moe_indices = adapter.moe_layer_indices(config)
+    if not moe_indices:
+        raise FairMoeError(f"--model {args.model} ({config.model_type}) has no MoE layers to prune")
+    check_budget(settings, adapter.num_experts(config), adapter.top_k(config), len(moe_indices))
+    for line in describe_layout(config, adapter, settings):
+        print(line)
+    if args.dry_run:
+        return
+    scores = Scores.load(args.scores) if args.scores else None
+    if scores is not None:
+        if scores.meta.get("model_type") != config.model_type or int(scores.meta.get("num_experts", -1)) != adapter.num_experts(config):
+            raise FairMoeError(f"--scores {args.scores} was computed for another model ({scores.meta.get('model_type')}, "
+                               f"{scores.meta.get('num_experts')} experts): calibrate again without --scores")
+        sources = None
+    else:
+        sources = calibration_sources(args)
+        if settings.removal == "wasserstein" and len(sources) < 2:
+            raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
+                               "or several comma-separated --calib-config values")
+    ppl_texts = [p.read_text(encoding="utf-8") if p.is_file() else _missing(p) for p in args.ppl_file]
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, config, device)
+    model, tokenizer = load_model(args.model, dtype, device)
+    save_dtype = checkpoint_dtype(config)
+    if scores is not None:
+        fingerprint = model_fingerprint(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if scores.meta.get("fingerprint") not in (None, fingerprint):
+            raise FairMoeError(f"--scores {args.scores} belongs to a different model (fingerprint "
+                               f"{scores.meta.get('fingerprint')} ≠ {fingerprint}): calibrate again without --scores")
+    else:
+        scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, args.batch_size, args.seed,
+                                progress=not args.quiet)
+    plan = make_plan(scores, settings, base_model=args.model)
+    print_plan(plan)
+
+    from fair_moe.perplexity import perplexity
+
+    dense_ppl = [perplexity(model, tokenizer, [t], args.seq_len, progress=not args.quiet) for t in ppl_texts]
+    write_checkpoint(model, tokenizer, plan, scores, args.out, save_dtype, args.overwrite, verify=not args.no_verify)
+    if ppl_texts:
+        from transformers import AutoModelForCausalLM
+
+        pruned = AutoModelForCausalLM.from_pretrained(args.out, trust_remote_code=True, dtype=dtype).to(device).eval()
+        print("perplexity       dense    pruned")
+        for path, text, dense in zip(args.ppl_file, ppl_texts, dense_ppl):
+            pruned_ppl = perplexity(pruned, tokenizer, [text], args.seq_len, progress=not args.quiet)
+            print(f"  {path.name:12s} {dense:8.3f}  {pruned_ppl:8.3f}")
+    print(f"wrote {args.out}")
+
+
+def _missing(path: Path) -> str:
+    raise FairMoeError(f"--ppl-file {path} does not exist")
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise FairMoeError(f"cannot load the tokenizer of --model {name}: {str(err).splitlines()[0]}") from err
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=True)
+        except (OSError, ValueError) as err:
+            raise FairMoeError(f"cannot load the weights of --model {name}: {str(err).splitlines()[0]}") from err
+    return model.to(device).eval(), tokenizer
+
+
+def write_checkpoint(model, tokenizer, plan: PrunePlan, scores: Scores, out: Path, save_dtype, overwrite: bool,
+                     verify: bool = True) -> None:
+    """Slice, save and (optionally) verify into a temporary folder, then move it to ``out``."""
+    from fair_moe.masking import masked_experts
+    from fair_moe.report import model_card, plot_allocation
+    from fair_moe.rewrite import apply_plan, save_pruned, verify_expert_keys, write_atomically
+
+    probe = None
+    if verify:
+        probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), masked_experts(model, plan.kept_experts):
+            reference = model(input_ids=probe.to(model.device), use_cache=False).logits.float().cpu()
+    compute_dtype = next(model.parameters()).dtype
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad():
+            apply_plan(model, plan)
+        save_pruned(model, tmp, dtype=save_dtype, tokenizer=tokenizer)
+        model.to(compute_dtype)
+        plan.save(tmp)
+        scores.save(tmp / SCORES_FILE)
+        (tmp / "README.md").write_text(model_card(plan))
+        plot_allocation(plan, tmp / "allocation.png")
+        verify_expert_keys(tmp, plan)
+        if probe is not None:
+            check_reload(tmp, probe, reference, compute_dtype, model.device)
+
+    write_atomically(out, write, overwrite=overwrite)
+
+
+def check_reload(folder: Path, probe: torch.Tensor, reference: torch.Tensor, dtype, device) -> None:
+    """Reload the written checkpoint and compare its logits with the masked original's."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
+    diff = (logits - reference).abs().max().item()
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2 * max(1.0, reference.abs().max().item())
+    if not diff <= tolerance:
+        raise RuntimeError(f"the written checkpoint does not match the masked original (max |Δlogit| = {diff:.3g})")
+    log.info("verified: reloaded checkpoint matches the masked original (max |Δlogit| = %.2e)", diff)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

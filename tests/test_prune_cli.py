@@ -1,0 +1,179 @@
+"""The command line end to end on a tiny checkpoint, and every bad input it must refuse cleanly."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_qwen2_moe_config, write_checkpoint
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from fair_moe import prune
+from fair_moe.masking import masked_experts
+from fair_moe.plan import PrunePlan
+from fair_moe.scores import SCORES_FILE, Scores
+
+FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+
+
+def run_cli(*args):
+    return prune.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pruned_tod(tiny_checkpoint, calib_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tod"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", *calib, *FAST) == 0
+    return out
+
+
+def test_output_folder_is_complete(pruned_tod):
+    names = {p.name for p in pruned_tod.iterdir()}
+    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "fair_moe_plan.json", SCORES_FILE, "README.md", "allocation.png"):
+        assert required in names
+    assert not [p for p in pruned_tod.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_plan_budget_is_exact_and_every_layer_keeps_top_k(pruned_tod):
+    plan = json.loads((pruned_tod / "fair_moe_plan.json").read_text())
+    assert plan["removed_total"] == 3 * round(0.5 * 12)
+    assert set(plan["kept_experts"]) == {"0", "1", "2"}
+    for ids in plan["kept_experts"].values():
+        assert ids == sorted(ids) and len(ids) >= 3
+    assert plan["settings"]["allocation"] == "tod" and plan["alpha"] is not None
+    assert sum(plan["kept_counts"].values()) == 36 - 18
+
+
+def test_cli_output_equals_masked_original(pruned_tod, tiny_checkpoint):
+    plan = PrunePlan.load(pruned_tod)
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_tod, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked_experts(original, plan.kept_experts):
+        reference = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (pruned(input_ids=ids).logits - reference).abs().max().item() < 1e-4
+
+
+def test_scores_reproduce_the_plan_without_calibrating(pruned_tod, tiny_checkpoint, tmp_path, monkeypatch):
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration must not run with --scores")
+
+    monkeypatch.setattr(prune, "compute_scores", no_calibration)
+    out = tmp_path / "again"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--scores", pruned_tod / SCORES_FILE, "--quiet") == 0
+    assert PrunePlan.load(out).kept_experts == PrunePlan.load(pruned_tod).kept_experts
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_other_allocations_from_scores(pruned_tod, tiny_checkpoint, tmp_path, allocation):
+    out = tmp_path / allocation
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", allocation,
+                   "--scores", pruned_tod, "--quiet") == 0
+    plan = PrunePlan.load(out)
+    assert plan.removed_total == 3 * 3
+    if allocation == "uniform":
+        assert set(plan.kept_counts.values()) == {9}
+        assert json.loads((out / "config.json").read_text())["num_experts"] == 9
+
+
+def test_model_card_has_hub_metadata(pruned_tod):
+    card = (pruned_tod / "README.md").read_text()
+    assert card.startswith("---\n")
+    assert "library_name: transformers" in card and "- fair-moe" in card
+    assert "trust_remote_code=True" in card or "stock architecture" in card
+
+
+def test_list_models(capsys):
+    assert run_cli("--list-models") == 0
+    assert "qwen2_moe" in capsys.readouterr().out.split()
+
+
+def test_dry_run_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--dry-run") == 0
+    assert "12 routed experts per layer" in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dense_qwen_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("dense"), tiny_qwen2_moe_config(mlp_only_layers=[0, 1, 2]))
+
+
+@pytest.fixture(scope="module")
+def nan_scores(pruned_tod, tmp_path_factory):
+    scores = Scores.load(pruned_tod)
+    scores.removal["reap"][1, 2] = math.nan
+    path = tmp_path_factory.mktemp("nan") / SCORES_FILE
+    scores.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_calib(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_calib")
+    (folder / "empty.txt").write_text("   \n")
+    (folder / "short.txt").write_text("def f(x): return x")
+    return folder
+
+
+BAD_INPUTS = {
+    "too aggressive": (["--budget", "0.9"], "top_k=3"),
+    "budget zero": (["--budget", "0"], "between 0 and 1"),
+    "budget one": (["--budget", "1"], "between 0 and 1"),
+    "budget negative": (["--budget", "-0.2"], "between 0 and 1"),
+    "rounds to nothing": (["--budget", "0.01"], "raise --budget"),
+    "no budget": ([], "--budget"),
+    "missing model": (["--budget", "0.25", "--model", "/nonexistent/model"], "does not exist"),
+    "unsupported type": (["--budget", "0.25", "--model", "LLAMA"], "not supported"),
+    "no moe layers": (["--budget", "0.25", "--model", "DENSE"], "no MoE layers"),
+    "missing calib": (["--budget", "0.25", "--calib-file", "/nonexistent/calib.txt"], "does not exist"),
+    "empty calib": (["--budget", "0.25", "--calib-file", "BAD/empty.txt"], "holds no text"),
+    "short calib": (["--budget", "0.25", "--calib-file", "BAD/short.txt", "--calib-file", "BAD/short.txt"], "fewer than --seq-len"),
+    "nan scores": (["--budget", "0.25", "--scores", "NAN"], "NaN"),
+    "missing scores": (["--budget", "0.25", "--scores", "/nonexistent/scores.safetensors"], "does not exist"),
+    "wasserstein one class": (["--budget", "0.25", "--removal", "wasserstein", "--calib-file", "CALIB0"], "two calibration classes"),
+    "tolerance with uniform": (["--tolerance", "0.3", "--allocation", "uniform"], "--tolerance"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(case, tiny_checkpoint, llama_checkpoint, dense_qwen_checkpoint, nan_scores, bad_calib,
+                                 calib_files, tmp_path, capsys):
+    args, expected = BAD_INPUTS[case]
+    replace = {"LLAMA": llama_checkpoint, "DENSE": dense_qwen_checkpoint, "NAN": nan_scores, "CALIB0": calib_files[0]}
+    args = [str(replace.get(a, a)).replace("BAD", str(bad_calib)) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_checkpoint)]
+    out = tmp_path / "out"
+    assert run_cli(*args, "--out", out, *FAST) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] != []
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_existing_out_is_refused_and_untouched(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", *FAST) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_scores_of_another_model_are_refused(pruned_tod, tmp_path, capsys):
+    other = write_checkpoint(tmp_path / "other", tiny_qwen2_moe_config(num_experts=16))
+    assert run_cli("--model", other, "--out", tmp_path / "out", "--budget", "0.25", "--scores", pruned_tod, "--quiet") == 2
+    assert "another model" in capsys.readouterr().err
