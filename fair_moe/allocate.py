@@ -4,6 +4,12 @@ Notation (METHOD.md §2–§3): a layer has n units with removal scores ``u [n]`
 and protection scores ``r [n]`` (high = protect). ``rem`` is ``u`` ascending, ``prot`` is ``r``
 descending; both orders are stable, so ties go to the lower unit id. ``ToD(k) = |rem[:k] ∩ prot[:k]| / k``
 for k = 1 … n_max, and a layer's units removed are always ``rem[:k]``.
+
+Group-limited routers (``groups`` G > 1, contiguous groups of n/G experts) [ours]: every group must
+stay selectable, so each group loses the same number of experts. Units then go in *steps* of G: step
+j removes the j-th lowest-U expert of every group, k = G·j, and ToD(k) compares the experts removed
+by the first j steps with ``prot[:k]``. With G = 1 a step is one unit and everything reduces to the
+plain rule above.
 """
 
 from __future__ import annotations
@@ -37,17 +43,27 @@ def protection_order(r: torch.Tensor) -> torch.Tensor:
     return torch.sort(-r.double(), stable=True).indices
 
 
-def tod_curve(u: torch.Tensor, r: torch.Tensor, n_max: int) -> torch.Tensor:
-    """ToD(k) for k = 1 … n_max as float64 [n_max] (entry k-1 is ToD(k))."""
-    if n_max <= 0:
-        return torch.zeros(0, dtype=torch.float64)
-    rem = removal_order(u)
-    rank_in_prot = torch.empty_like(rem)
-    rank_in_prot[protection_order(r)] = torch.arange(len(r))
-    a = rank_in_prot[rem]  # a[i]: where the i-th removal candidate stands in the protection order
+def removal_steps(u: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Unit ids removed at each step [n / groups, groups]: row j holds the j-th lowest-U unit of every group."""
     n = len(u)
-    ks = torch.arange(1, n_max + 1)
-    in_prefix = torch.arange(n)[:, None] < ks[None, :]
+    if n % groups:
+        raise ValueError(f"{n} units do not split into {groups} equal groups")
+    size = n // groups
+    within = torch.stack([removal_order(u[g * size : (g + 1) * size]) + g * size for g in range(groups)], dim=1)
+    return within
+
+
+def tod_curve(u: torch.Tensor, r: torch.Tensor, n_max: int, groups: int = 1) -> torch.Tensor:
+    """ToD after each step, float64 [n_max // groups] (entry j-1 is ToD(k = groups·j))."""
+    steps = n_max // groups
+    if steps <= 0:
+        return torch.zeros(0, dtype=torch.float64)
+    order = removal_steps(u, groups)[:steps].flatten()  # removal order, step by step
+    rank_in_prot = torch.empty(len(r), dtype=torch.long)
+    rank_in_prot[protection_order(r)] = torch.arange(len(r))
+    a = rank_in_prot[order]  # a[i]: where the i-th removal candidate stands in the protection order
+    ks = torch.arange(1, steps + 1) * groups
+    in_prefix = torch.arange(len(order))[:, None] < ks[None, :]
     protected_in_prefix = a[:, None] < ks[None, :]
     overlap = (in_prefix & protected_in_prefix).sum(0).double()
     return overlap / ks.double()
@@ -100,48 +116,58 @@ def match_budget(curves: list[torch.Tensor], next_r: list[torch.Tensor], total: 
     return counts, alpha
 
 
-def tod(u: torch.Tensor, r: torch.Tensor, n_max: list[int], total: int | None = None, alpha: float | None = None) -> Allocation:
+def _removed(u_row: torch.Tensor, steps: int, groups: int) -> list[int]:
+    return removal_steps(u_row, groups)[:steps].flatten().tolist()
+
+
+def tod(
+    u: torch.Tensor, r: torch.Tensor, n_max: list[int], total: int | None = None, alpha: float | None = None, groups: int = 1
+) -> Allocation:
     """ToD allocation over layers; exactly one of ``total`` (budget match) or ``alpha`` (tolerance).
 
     Args:
         u, r: removal and protection scores [L, n].
-        n_max: per layer, the most units that may go (n − min_keep).
+        n_max: per layer, the most units that may go (n − min_keep), a multiple of ``groups``.
+        total: units to remove in all, a multiple of ``groups``.
     """
     if (total is None) == (alpha is None):
         raise ValueError("pass exactly one of total or alpha")
-    orders = [removal_order(u[i]) for i in range(len(u))]
-    curves = [tod_curve(u[i], r[i], n_max[i]) for i in range(len(u))]
+    curves = [tod_curve(u[i], r[i], n_max[i], groups) for i in range(len(u))]
     if alpha is not None:
         counts = tod_counts(curves, alpha)
     else:
-        next_r = [r[i].double()[orders[i][: n_max[i]]] for i in range(len(u))]
-        counts, alpha = match_budget(curves, next_r, total)
-    return Allocation(removed=[orders[i][: counts[i]].tolist() for i in range(len(u))], alpha=alpha)
+        # A step's protection is the mean R of the units it removes (R itself when groups == 1).
+        next_r = [r[i].double()[removal_steps(u[i], groups)[: len(curves[i])]].mean(dim=1) for i in range(len(u))]
+        counts, alpha = match_budget(curves, next_r, _steps(total, groups))
+    return Allocation(removed=[_removed(u[i], counts[i], groups) for i in range(len(u))], alpha=alpha)
 
 
-def uniform(u: torch.Tensor, per_layer: int) -> Allocation:
-    """The ``per_layer`` lowest-U units of every layer [L, n]."""
-    return Allocation(removed=[removal_order(row)[:per_layer].tolist() for row in u])
+def _steps(units: int, groups: int) -> int:
+    if units % groups:
+        raise ValueError(f"{units} units are not a whole number of {groups}-unit steps")
+    return units // groups
 
 
-def global_(u: torch.Tensor, n_max: list[int], total: int) -> Allocation:
+def uniform(u: torch.Tensor, per_layer: int, groups: int = 1) -> Allocation:
+    """The ``per_layer`` lowest-U units of every layer [L, n] (per group: ``per_layer / groups`` each)."""
+    return Allocation(removed=[_removed(row, _steps(per_layer, groups), groups) for row in u])
+
+
+def global_(u: torch.Tensor, n_max: list[int], total: int, groups: int = 1) -> Allocation:
     """The ``total`` lowest units over all layers after dividing U by its layer's mean U.
 
-    A layer stops giving units once it reaches ``n_max``. Ties: lower layer, then lower unit id.
+    Layers give units in removal order, each step's cost being the mean normalised U of its units;
+    the cheapest next step over all layers goes first, and a layer stops at ``n_max``. Ties: lower
+    layer first (with ``groups == 1`` this is exactly "sort every unit, take the lowest").
     """
     means = u.double().mean(dim=1, keepdim=True)
     normalised = u.double() / torch.where(means > 0, means, torch.ones_like(means))
-    flat_order = torch.sort(normalised.flatten(), stable=True).indices
-    n = u.shape[1]
-    removed: list[list[int]] = [[] for _ in range(len(u))]
-    left = total
-    for flat in flat_order.tolist():
-        if left == 0:
-            break
-        layer, unit = divmod(flat, n)
-        if len(removed[layer]) < n_max[layer]:
-            removed[layer].append(unit)
-            left -= 1
-    if left:
-        raise FairMoeError(f"cannot remove {total} units: layers can only give {total - left}")
-    return Allocation(removed=removed)
+    costs = [normalised[i][removal_steps(u[i], groups)].mean(dim=1) for i in range(len(u))]
+    taken = [0] * len(u)
+    for _ in range(_steps(total, groups)):
+        open_layers = [i for i in range(len(u)) if (taken[i] + 1) * groups <= n_max[i]]
+        if not open_layers:
+            raise FairMoeError(f"cannot remove {total} units: layers can only give {sum(taken) * groups}")
+        best = min(open_layers, key=lambda i: (float(costs[i][taken[i]]), i))
+        taken[best] += 1
+    return Allocation(removed=[_removed(u[i], taken[i], groups) for i in range(len(u))])

@@ -1,7 +1,8 @@
 """The reference every pruned model must equal: the original with removed experts unreachable.
 
-Inside ``masked_experts`` each router's real logits are kept, the removed experts' logits are set
-to -inf, and the top-k weights and ids are recomputed the way the family's router computes them.
+Inside ``masked_experts`` each router's real logits are kept and the top-k weights and ids are
+recomputed the way the family's router computes them, with the removed experts' logits (and, for
+routers with a selection bias, their selection scores) at -inf.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def masked_experts(model: nn.Module, kept: dict[int, list[int]]) -> Iterator[Non
 def _mask_hook(adapter, removed: torch.Tensor):
     def hook(router, args, output):
         logits = adapter.router_logits(output)
-        masked = logits.masked_fill(removed.to(logits.device), float("-inf"))
-        weights, ids = adapter.route_from_logits(router, masked)
+        weights, ids = adapter.route(router, logits, removed)
         return adapter.replace_router_output(output, logits, weights, ids)
 
     return hook

@@ -57,29 +57,66 @@ class PlanSettings:
                 raise FairMoeError(f"--tolerance {self.tolerance} must be in [0, 1]")
 
 
-def removed_per_layer(budget: float, num_experts: int) -> int:
-    """round(b·E) with halves rounded up, so 0.5 × 7 removes 4."""
-    return int(math.floor(budget * num_experts + 0.5))
+@dataclass
+class ExpertLayout:
+    """What a budget is checked against: E routed experts in each of ``num_layers`` MoE layers, top_k,
+    and for group-limited routers G groups each keeping at least ``min_per_group`` experts."""
+
+    num_experts: int
+    top_k: int
+    num_layers: int
+    groups: int = 1
+    min_per_group: int = 0
+
+    @classmethod
+    def from_config(cls, config, adapter, num_layers: int) -> ExpertLayout:
+        return cls(adapter.num_experts(config), adapter.top_k(config), num_layers,
+                   adapter.num_groups(config), adapter.min_kept_per_group(config))
+
+    @classmethod
+    def from_meta(cls, meta: dict, num_layers: int) -> ExpertLayout:
+        return cls(int(meta["num_experts"]), int(meta["top_k"]), num_layers, int(meta.get("groups", 1)),
+                   int(meta.get("min_per_group", 0)))
+
+    def min_keep(self, settings: PlanSettings) -> int:
+        return settings.min_keep if settings.min_keep is not None else self.top_k
+
+    def max_removable(self, settings: PlanSettings) -> int:
+        """Most experts one layer may lose: kept ≥ min_keep, every group keeps ≥ min_per_group, whole steps of G."""
+        by_total = (self.num_experts - self.min_keep(settings)) // self.groups
+        by_group = self.num_experts // self.groups - self.min_per_group
+        return max(0, min(by_total, by_group)) * self.groups
+
+    def removed_per_layer(self, budget: float) -> int:
+        """round(b·E) with halves rounded up (0.5 × 7 removes 4); with G groups, G × round(b·E/G)."""
+        return removed_per_layer(budget, self.num_experts, self.groups)
 
 
-def check_budget(settings: PlanSettings, num_experts: int, top_k: int, num_layers: int) -> int:
-    """Validate the budget against the model before any calibration; returns experts removed in total."""
+def removed_per_layer(budget: float, num_experts: int, groups: int = 1) -> int:
+    return groups * int(math.floor(budget * num_experts / groups + 0.5))
+
+
+def check_budget(settings: PlanSettings, layout: ExpertLayout) -> int:
+    """Validate the budget against the model before any calibration; returns experts removed in total
+    (-1 for a --tolerance run, whose total is not known in advance)."""
     settings.validate()
-    min_keep = settings.min_keep if settings.min_keep is not None else top_k
-    if min_keep < top_k:
-        raise FairMoeError(f"--min-keep {min_keep} is below the router's top_k={top_k}: every layer must keep ≥ top_k experts")
+    min_keep = layout.min_keep(settings)
+    if min_keep < layout.top_k:
+        raise FairMoeError(f"--min-keep {min_keep} is below the router's top_k={layout.top_k}: every layer must keep ≥ top_k experts")
     if settings.budget is None:
         return -1
-    per_layer = removed_per_layer(settings.budget, num_experts)
+    e, per_layer = layout.num_experts, layout.removed_per_layer(settings.budget)
+    grouped = f" (group-limited routing: {layout.groups} groups lose the same number each)" if layout.groups > 1 else ""
     if per_layer == 0:
-        raise FairMoeError(f"--budget {settings.budget} removes round({settings.budget}×{num_experts}) = 0 experts per layer: raise --budget")
-    if num_experts - per_layer < min_keep:
+        raise FairMoeError(f"--budget {settings.budget} removes 0 of {e} experts per layer{grouped}: raise --budget")
+    if per_layer > layout.max_removable(settings):
+        floor = max(min_keep, layout.groups * layout.min_per_group)
         raise FairMoeError(
-            f"--budget {settings.budget} is too aggressive: it removes {per_layer} of {num_experts} experts per layer, "
-            f"leaving {num_experts - per_layer}, but the router selects top_k={top_k} (minimum kept {min_keep}); "
-            f"use --budget ≤ {(num_experts - min_keep) / num_experts:.4f}"
+            f"--budget {settings.budget} is too aggressive: it removes {per_layer} of {e} experts per layer{grouped}, "
+            f"leaving {e - per_layer}, but the router selects top_k={layout.top_k} and a layer must keep at least {floor}; "
+            f"use --budget ≤ {layout.max_removable(settings) / e:.4f}"
         )
-    return per_layer * num_layers
+    return per_layer * layout.num_layers
 
 
 def compute_scores(
@@ -104,6 +141,7 @@ def compute_scores(
         "num_experts": layers[0].num_experts,
         "top_k": layers[0].top_k,
         "groups": layers[0].groups,
+        "min_per_group": adapter.min_kept_per_group(model.config),
         "fingerprint": model_fingerprint(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()}),
         "calibration": {
             "sources": [s.name for s in sources],
@@ -120,9 +158,9 @@ def compute_scores(
 
 def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = None) -> PrunePlan:
     """Allocate from saved scores. Budgets are exact: L × round(b·E) experts removed."""
-    num_experts, top_k = int(scores.meta["num_experts"]), int(scores.meta["top_k"])
-    num_layers = len(scores.layer_indices)
-    total = check_budget(settings, num_experts, top_k, num_layers)
+    layout = ExpertLayout.from_meta(scores.meta, len(scores.layer_indices))
+    num_experts, top_k, num_layers, groups = layout.num_experts, layout.top_k, layout.num_layers, layout.groups
+    total = check_budget(settings, layout)
     if settings.removal not in scores.removal:
         raise FairMoeError(
             f"--removal {settings.removal} was not computed for these scores "
@@ -130,16 +168,16 @@ def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = N
         )
     u = scores.removal[settings.removal]
     r = scores.protection
-    min_keep = settings.min_keep if settings.min_keep is not None else top_k
-    n_max = [num_experts - min_keep] * num_layers
+    min_keep = layout.min_keep(settings)
+    n_max = [layout.max_removable(settings)] * num_layers
     if settings.allocation == "uniform":
-        result = allocate.uniform(u, total // num_layers)
+        result = allocate.uniform(u, total // num_layers, groups)
     elif settings.allocation == "global":
-        result = allocate.global_(u, n_max, total)
+        result = allocate.global_(u, n_max, total, groups)
     elif settings.budget is not None:
-        result = allocate.tod(u, r, n_max, total=total)
+        result = allocate.tod(u, r, n_max, total=total, groups=groups)
     else:
-        result = allocate.tod(u, r, n_max, alpha=settings.tolerance)
+        result = allocate.tod(u, r, n_max, alpha=settings.tolerance, groups=groups)
     kept = {
         index: sorted(set(range(num_experts)) - set(removed))
         for index, removed in zip(scores.layer_indices, result.removed)
@@ -156,6 +194,7 @@ def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = N
             "budget": settings.budget,
             "tolerance": settings.tolerance,
             "min_keep": min_keep,
+            "groups": groups,
             "calibration": scores.meta.get("calibration"),
         },
         alpha=result.alpha,
@@ -185,7 +224,7 @@ def prune_model(
     """
     settings = PlanSettings(budget=budget if tolerance is None else None, tolerance=tolerance, allocation=allocation, removal=removal)
     adapter = get_adapter(model.config)
-    check_budget(settings, adapter.num_experts(model.config), adapter.top_k(model.config), 1)
+    check_budget(settings, ExpertLayout.from_config(model.config, adapter, 1))
     if isinstance(calibration, Scores):
         scores = calibration
     else:

@@ -28,7 +28,15 @@ from fair_moe.calibration import (
     sources_from_files,
 )
 from fair_moe.errors import FairMoeError
-from fair_moe.pipeline import ALLOCATIONS, PROTECTIONS, PlanSettings, check_budget, compute_scores, make_plan
+from fair_moe.pipeline import (
+    ALLOCATIONS,
+    PROTECTIONS,
+    ExpertLayout,
+    PlanSettings,
+    check_budget,
+    compute_scores,
+    make_plan,
+)
 from fair_moe.plan import PrunePlan
 from fair_moe.scores import SCORES_FILE, Scores, model_fingerprint
 from fair_moe.signals import REMOVAL_SIGNALS
@@ -160,17 +168,16 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def describe_layout(config, adapter, settings: PlanSettings) -> list[str]:
+def describe_layout(config, adapter, layout: ExpertLayout, settings: PlanSettings) -> list[str]:
     layers = adapter.moe_layer_indices(config)
-    e, k = adapter.num_experts(config), adapter.top_k(config)
+    e, k = layout.num_experts, layout.top_k
     lines = [
         f"model_type {config.model_type}: {config.num_hidden_layers} decoder layers, {len(layers)} MoE layers "
-        f"({layers[0]}…{layers[-1]}), {e} routed experts per layer, top_k={k}",
+        f"({layers[0]}…{layers[-1]}), {e} routed experts per layer, top_k={k}"
+        + (f", {layout.groups} expert groups" if layout.groups > 1 else ""),
     ]
     if settings.budget is not None:
-        from fair_moe.pipeline import removed_per_layer
-
-        per = removed_per_layer(settings.budget, e)
+        per = layout.removed_per_layer(settings.budget)
         lines.append(
             f"budget {settings.budget}: remove {per * len(layers)} routed experts in total "
             f"({per} per layer under uniform allocation; {settings.allocation} allocation decides the split)"
@@ -202,8 +209,9 @@ def run(args) -> None:
     moe_indices = adapter.moe_layer_indices(config)
     if not moe_indices:
         raise FairMoeError(f"--model {args.model} ({config.model_type}) has no MoE layers to prune")
-    check_budget(settings, adapter.num_experts(config), adapter.top_k(config), len(moe_indices))
-    for line in describe_layout(config, adapter, settings):
+    layout = ExpertLayout.from_config(config, adapter, len(moe_indices))
+    check_budget(settings, layout)
+    for line in describe_layout(config, adapter, layout, settings):
         print(line)
     if args.dry_run:
         return

@@ -40,10 +40,16 @@ def build_model(config, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger router weights than the default init, so routing is decisive and top-k never sits on a tie.
+    # Selection biases get random non-zero values so that their handling is actually exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.normal_(0, 0.5)
+            elif name.endswith("mlp.router.bias"):
+                p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
     return model.eval()
 
 

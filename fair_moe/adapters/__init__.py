@@ -29,6 +29,6 @@ def get_adapter(config) -> FusedExpertsAdapter:
 
 
 # Families register themselves on import.
-from fair_moe.adapters import qwen2_moe  # noqa: E402,F401
+from fair_moe.adapters import families, qwen2_moe  # noqa: E402,F401
 
 __all__ = ["FusedExpertsAdapter", "MoELayer", "get_adapter", "register_adapter", "supported_model_types"]

@@ -65,7 +65,12 @@ class FusedExpertsAdapter:
         return int(config.num_experts_per_tok)
 
     def num_groups(self, config) -> int:
-        return int(getattr(config, "n_group", None) or 1)
+        """Expert groups of a group-limited router (1 when routing is not group-limited)."""
+        return 1
+
+    def min_kept_per_group(self, config) -> int:
+        """Experts every group must keep to stay selectable (0 without group-limited routing)."""
+        return 0
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         try:
@@ -98,7 +103,11 @@ class FusedExpertsAdapter:
         return layers
 
     def moe_layer_indices(self, config) -> list[int]:
-        """Decoder indices of the sparse layers, from the config alone (no weights needed)."""
+        """Decoder indices of the sparse layers, from the config alone (no weights needed).
+
+        Mirrors the decoder-layer constructors: ``mlp_only_layers`` and ``decoder_sparse_step`` (Qwen),
+        ``first_k_dense_replace`` (DeepSeek, GLM); families without them are sparse everywhere.
+        """
         n = config.num_hidden_layers
         mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
         step = getattr(config, "decoder_sparse_step", None) or 1
@@ -106,12 +115,15 @@ class FusedExpertsAdapter:
         return [i for i in range(n) if i not in mlp_only and (i + 1) % step == 0 and i >= first_dense]
 
     # ---- routing ---------------------------------------------------------------------------
-    def route_from_logits(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k weights and ids [tokens, top_k] from router logits [tokens, E], as the router does.
+    def route(self, router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k weights and ids [tokens, top_k] from router logits [tokens, E], as the router computes them,
+        with the experts flagged in ``removed [E]`` made unreachable.
 
-        Softmax over all experts, top-k of the probabilities, optional renormalisation. Experts whose
-        logit is -inf get probability 0 and are never chosen while at least top_k are finite.
+        Default (Qwen-MoE, OLMoE, Mixtral): softmax over all experts, top-k of the probabilities, optional
+        renormalisation. Removed experts get logit -inf, hence probability 0.
         """
+        if removed is not None:
+            logits = logits.masked_fill(removed.to(logits.device), float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         weights, ids = torch.topk(probs, router.top_k, dim=-1)
         if self.always_normalize or getattr(router, "norm_topk_prob", False):

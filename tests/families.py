@@ -1,0 +1,34 @@
+"""Tiny configs of every supported family, built from the real transformers config classes."""
+
+from __future__ import annotations
+
+import transformers as tf
+
+COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, pad_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+
+
+def family_configs() -> dict:
+    """model_type → config with 12 routed experts, top-3; grouped families use 3 groups of 4."""
+    deepseek_mla = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        moe_intermediate_size=16, intermediate_size=48, n_routed_experts=12, num_experts_per_tok=3,
+                        n_shared_experts=1, first_k_dense_replace=1)
+    return {
+        "qwen2_moe": tf.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                                       shared_expert_intermediate_size=24, num_experts=12, num_experts_per_tok=3),
+        "qwen3_moe": tf.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, head_dim=8,
+                                       num_experts=12, num_experts_per_tok=3, norm_topk_prob=True,
+                                       mlp_only_layers=[1]),
+        "mixtral": tf.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=12, num_experts_per_tok=3),
+        "olmoe": tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=12, num_experts_per_tok=3),
+        "deepseek_v2": tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla, topk_method="group_limited_greedy", n_group=3,
+                                           topk_group=2, routed_scaling_factor=1.5),
+        "deepseek_v3": tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla, n_group=3, topk_group=2, norm_topk_prob=True,
+                                           routed_scaling_factor=2.5),
+        "glm4_moe": tf.Glm4MoeConfig(**COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                     n_routed_experts=12, num_experts_per_tok=3, n_shared_experts=1, n_group=1,
+                                     topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                     routed_scaling_factor=1.8),
+        "gpt_oss": tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=12,
+                                   num_experts_per_tok=3, sliding_window=8),
+    }
