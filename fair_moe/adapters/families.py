@@ -2,12 +2,13 @@
 
 Routing kinds (how a router turns logits [tokens, E] into top-k weights and ids):
 
-- softmax top-k (Qwen2/Qwen3-MoE, OLMoE, FlexOlmo: optional renormalisation; Mixtral, MiniMax: always);
+- softmax top-k (Qwen2/Qwen3-MoE, Qwen3-Next, OLMoE, FlexOlmo: optional renormalisation; Mixtral,
+  MiniMax: always);
 - DeepSeek-V2: softmax, ``greedy`` or ``group_limited_greedy`` (best expert per group picks groups),
   weights × ``routed_scaling_factor``;
-- DeepSeek-V3 / GLM-4-MoE: sigmoid scores, selection by score + ``e_score_correction_bias`` within the
+- DeepSeek-V3 / GLM-4-MoE / dots.llm1: sigmoid scores, selection by score + ``e_score_correction_bias`` within the
   ``topk_group`` groups with the best top-2 sums, weights gathered from the unbiased scores;
-- GPT-OSS: top-k of the logits (router with bias), softmax over the chosen k.
+- GPT-OSS (router with bias), GraniteMoE: top-k of the logits, softmax over the chosen k.
 
 In every kind a removed expert is made unreachable by a -inf logit or, where selection uses a bias,
 a -inf selection score — exactly what slicing it out of the router does.
@@ -86,13 +87,21 @@ class BiasedSigmoidAdapter(FusedExpertsAdapter):
 
 @dataclass
 class TopkThenSoftmaxAdapter(FusedExpertsAdapter):
-    """GPT-OSS: top-k of the (biased) logits, softmax over the k chosen."""
+    """GPT-OSS and GraniteMoE: top-k of the logits, softmax over the k chosen.
+
+    GraniteMoE casts the weights to the hidden states' dtype (``cast_to_weight_dtype``).
+    """
+
+    cast_to_weight_dtype: bool = False
 
     def route(self, router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None):
         if removed is not None:
             logits = logits.masked_fill(removed.to(logits.device), float("-inf"))
         top, ids = torch.topk(logits, router.top_k, dim=-1)
-        return torch.softmax(top, dim=1, dtype=top.dtype), ids
+        weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        if self.cast_to_weight_dtype:
+            weights = weights.to(router.weight.dtype)
+        return weights, ids
 
 
 register_adapter(FusedExpertsAdapter(model_type="qwen3_moe", count_field="num_experts"))
@@ -104,3 +113,7 @@ register_adapter(DeepseekV2Adapter(model_type="deepseek_v2", count_field="n_rout
 register_adapter(BiasedSigmoidAdapter(model_type="deepseek_v3", count_field="n_routed_experts"))
 register_adapter(BiasedSigmoidAdapter(model_type="glm4_moe", count_field="n_routed_experts"))
 register_adapter(TopkThenSoftmaxAdapter(model_type="gpt_oss", count_field="num_local_experts", router_attr="router"))
+register_adapter(TopkThenSoftmaxAdapter(model_type="granitemoe", count_field="num_local_experts", router_attr="router",
+                                        block_attr="block_sparse_moe", cast_to_weight_dtype=True))
+register_adapter(BiasedSigmoidAdapter(model_type="dots1", count_field="n_routed_experts"))
+register_adapter(FusedExpertsAdapter(model_type="qwen3_next", count_field="num_experts"))
