@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
 
     b = p.add_argument_group("budget")
-    b.add_argument("--budget", type=float, help="fraction of routed experts removed model-wide (e.g. 0.25)")
+    b.add_argument("--budget", help="fraction of routed experts removed model-wide (e.g. 0.25); a comma-separated "
+                   "list writes one checkpoint per budget into OUT/budget-B/ from one calibration")
     b.add_argument("--tolerance", type=float, help="ToD tolerance α in [0, 1] instead of a budget")
     b.add_argument("--min-keep", type=int, help="experts every layer keeps (default: the router's top_k)")
 
@@ -105,15 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def settings_from_args(args) -> PlanSettings:
+def parse_budgets(text: str | None) -> list[float | None]:
+    if text is None:
+        return [None]
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise FairMoeError(f"--budget {text!r} is not a number or a comma-separated list of numbers (e.g. 0.25,0.5)") from err
+    if not budgets or len(set(budgets)) != len(budgets):
+        raise FairMoeError(f"--budget {text!r}: give one fraction or distinct comma-separated fractions")
+    return budgets
+
+
+def settings_from_args(args) -> list[PlanSettings]:
+    """One PlanSettings per requested budget (or the one --tolerance run)."""
     if args.budget is None and args.tolerance is None:
         raise FairMoeError("pass --budget FRACTION (e.g. 0.25) or --tolerance ALPHA")
-    settings = PlanSettings(
-        budget=args.budget, tolerance=args.tolerance, allocation=args.allocation, removal=args.removal,
-        protection=args.protection, min_keep=args.min_keep,
-    )
-    settings.validate()
-    return settings
+    result = []
+    for budget in parse_budgets(args.budget):
+        settings = PlanSettings(
+            budget=budget, tolerance=args.tolerance, allocation=args.allocation, removal=args.removal,
+            protection=args.protection, min_keep=args.min_keep,
+        )
+        settings.validate()
+        result.append(settings)
+    return result
 
 
 def calibration_sources(args) -> list[CalibrationSource]:
@@ -133,8 +150,15 @@ def calibration_sources(args) -> list[CalibrationSource]:
 
 
 def load_config(name: str):
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
+    if name.endswith(".json") and Path(name).is_file():  # a bare config (e.g. configs/models/*.json): --dry-run
+        import json
+
+        data = json.loads(Path(name).read_text())
+        if data.get("model_type") not in CONFIG_MAPPING:
+            raise FairMoeError(f"--model {name}: model_type {data.get('model_type')!r} is unknown to transformers")
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
     if looks_local and not Path(name).expanduser().exists():
         raise FairMoeError(f"--model {name} does not exist: pass a checkpoint folder or a Hub id (owner/name)")
@@ -199,7 +223,7 @@ def run(args) -> None:
         raise FairMoeError("--model is required (a checkpoint folder or Hub id)")
     if not args.out and not args.dry_run:
         raise FairMoeError("--out is required: the folder the pruned checkpoint is written to")
-    settings = settings_from_args(args)
+    all_settings = settings_from_args(args)
     if args.out:
         from fair_moe.rewrite import check_output_dir
 
@@ -210,28 +234,35 @@ def run(args) -> None:
     if not moe_indices:
         raise FairMoeError(f"--model {args.model} ({config.model_type}) has no MoE layers to prune")
     layout = ExpertLayout.from_config(config, adapter, len(moe_indices))
-    check_budget(settings, layout)
-    for line in describe_layout(config, adapter, layout, settings):
-        print(line)
+    for i, settings in enumerate(all_settings):
+        check_budget(settings, layout)
+        for line in describe_layout(config, adapter, layout, settings)[(1 if i else 0):]:
+            print(line)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, config, device)
     if args.dry_run:
+        from fair_moe.layout import describe
+
+        for i, settings in enumerate(all_settings):
+            lines = describe(config, adapter, layout, settings, checkpoint_dtype(config), args.batch_size * args.seq_len)
+            print("\n".join(lines if i == 0 else lines[-2:-1]))
         return
+    if args.model.endswith(".json"):
+        raise FairMoeError(f"--model {args.model} is a bare config: it has no weights to prune; use it with --dry-run")
     scores = Scores.load(args.scores) if args.scores else None
+    sources = None
     if scores is not None:
-        if scores.meta.get("model_type") != config.model_type or int(scores.meta.get("num_experts", -1)) != adapter.num_experts(config):
+        if scores.meta.get("model_type") != config.model_type or int(scores.meta.get("num_experts", -1)) != layout.num_experts:
             raise FairMoeError(f"--scores {args.scores} was computed for another model ({scores.meta.get('model_type')}, "
                                f"{scores.meta.get('num_experts')} experts): calibrate again without --scores")
-        sources = None
     else:
         sources = calibration_sources(args)
-        if settings.removal == "wasserstein" and len(sources) < 2:
+        if args.removal == "wasserstein" and len(sources) < 2:
             raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
                                "or several comma-separated --calib-config values")
     ppl_texts = [p.read_text(encoding="utf-8") if p.is_file() else _missing(p) for p in args.ppl_file]
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, config, device)
     model, tokenizer = load_model(args.model, dtype, device)
-    save_dtype = checkpoint_dtype(config)
     if scores is not None:
         fingerprint = model_fingerprint(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()})
         if scores.meta.get("fingerprint") not in (None, fingerprint):
@@ -240,22 +271,50 @@ def run(args) -> None:
     else:
         scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, args.batch_size, args.seed,
                                 progress=not args.quiet)
-    plan = make_plan(scores, settings, base_model=args.model)
-    print_plan(plan)
+    plans = [make_plan(scores, settings, base_model=args.model) for settings in all_settings]
+    for plan in plans:
+        print_plan(plan)
 
     from fair_moe.perplexity import perplexity
 
     dense_ppl = [perplexity(model, tokenizer, [t], args.seq_len, progress=not args.quiet) for t in ppl_texts]
-    write_checkpoint(model, tokenizer, plan, scores, args.out, save_dtype, args.overwrite, verify=not args.no_verify)
-    if ppl_texts:
-        from transformers import AutoModelForCausalLM
+    save_dtype = checkpoint_dtype(config)
+    verify = not args.no_verify
+    if len(plans) == 1:
+        write_checkpoint(model, tokenizer, plans[0], scores, args.out, save_dtype, args.overwrite, verify)
+        targets = [args.out]
+    else:
+        def write_all(tmp: Path) -> None:
+            for i, plan in enumerate(plans):
+                fresh = model if i == 0 else load_model(args.model, dtype, device)[0]
+                write_pruned_files(fresh, tokenizer, plan, scores, tmp / budget_folder(plan), save_dtype, verify)
 
-        pruned = AutoModelForCausalLM.from_pretrained(args.out, trust_remote_code=True, dtype=dtype).to(device).eval()
-        print("perplexity       dense    pruned")
-        for path, text, dense in zip(args.ppl_file, ppl_texts, dense_ppl):
-            pruned_ppl = perplexity(pruned, tokenizer, [text], args.seq_len, progress=not args.quiet)
-            print(f"  {path.name:12s} {dense:8.3f}  {pruned_ppl:8.3f}")
+        from fair_moe.rewrite import write_atomically
+
+        write_atomically(args.out, write_all, overwrite=args.overwrite)
+        targets = [args.out / budget_folder(plan) for plan in plans]
+    if ppl_texts:
+        report_perplexity(args, targets, ppl_texts, dense_ppl, tokenizer, dtype, device)
     print(f"wrote {args.out}")
+
+
+def budget_folder(plan: PrunePlan) -> str:
+    return f"budget-{plan.settings['budget']}"
+
+
+def report_perplexity(args, targets: list[Path], texts: list[str], dense: list[float], tokenizer, dtype, device) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fair_moe.perplexity import perplexity
+
+    names = [p.name for p in args.ppl_file]
+    print("perplexity  " + "  ".join(f"{n[:14]:>14s}" for n in names))
+    print("  dense     " + "  ".join(f"{v:14.3f}" for v in dense))
+    for target in targets:
+        pruned = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True, dtype=dtype).to(device).eval()
+        values = [perplexity(pruned, tokenizer, [t], args.seq_len, progress=not args.quiet) for t in texts]
+        label = target.name if len(targets) > 1 else "pruned"
+        print(f"  {label[:10]:10s}" + "  ".join(f"{v:14.3f}" for v in values))
 
 
 def _missing(path: Path) -> str:
@@ -281,10 +340,20 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
 def write_checkpoint(model, tokenizer, plan: PrunePlan, scores: Scores, out: Path, save_dtype, overwrite: bool,
                      verify: bool = True) -> None:
     """Slice, save and (optionally) verify into a temporary folder, then move it to ``out``."""
+    from fair_moe.rewrite import write_atomically
+
+    write_atomically(out, lambda tmp: write_pruned_files(model, tokenizer, plan, scores, tmp, save_dtype, verify),
+                     overwrite=overwrite)
+
+
+def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder: Path, save_dtype,
+                       verify: bool = True) -> None:
+    """Slice ``model`` in place and write the whole output folder (weights, plan, scores, card, plot) into ``folder``."""
     from fair_moe.masking import masked_experts
     from fair_moe.report import model_card, plot_allocation
-    from fair_moe.rewrite import apply_plan, save_pruned, verify_expert_keys, write_atomically
+    from fair_moe.rewrite import apply_plan, save_pruned, verify_expert_keys
 
+    folder.mkdir(parents=True, exist_ok=True)
     probe = None
     if verify:
         probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -292,20 +361,17 @@ def write_checkpoint(model, tokenizer, plan: PrunePlan, scores: Scores, out: Pat
             reference = model(input_ids=probe.to(model.device), use_cache=False).logits.float().cpu()
     compute_dtype = next(model.parameters()).dtype
 
-    def write(tmp: Path) -> None:
-        with torch.no_grad():
-            apply_plan(model, plan)
-        save_pruned(model, tmp, dtype=save_dtype, tokenizer=tokenizer)
-        model.to(compute_dtype)
-        plan.save(tmp)
-        scores.save(tmp / SCORES_FILE)
-        (tmp / "README.md").write_text(model_card(plan))
-        plot_allocation(plan, tmp / "allocation.png")
-        verify_expert_keys(tmp, plan)
-        if probe is not None:
-            check_reload(tmp, probe, reference, compute_dtype, model.device)
-
-    write_atomically(out, write, overwrite=overwrite)
+    with torch.no_grad():
+        apply_plan(model, plan)
+    save_pruned(model, folder, dtype=save_dtype, tokenizer=tokenizer)
+    model.to(compute_dtype)
+    plan.save(folder)
+    scores.save(folder / SCORES_FILE)
+    (folder / "README.md").write_text(model_card(plan))
+    plot_allocation(plan, folder / "allocation.png")
+    verify_expert_keys(folder, plan)
+    if probe is not None:
+        check_reload(folder, probe, reference, compute_dtype, model.device)
 
 
 def check_reload(folder: Path, probe: torch.Tensor, reference: torch.Tensor, dtype, device) -> None:

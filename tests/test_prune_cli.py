@@ -177,3 +177,26 @@ def test_scores_of_another_model_are_refused(pruned_tod, tmp_path, capsys):
     other = write_checkpoint(tmp_path / "other", tiny_qwen2_moe_config(num_experts=16))
     assert run_cli("--model", other, "--out", tmp_path / "out", "--budget", "0.25", "--scores", pruned_tod, "--quiet") == 2
     assert "another model" in capsys.readouterr().err
+
+
+def test_several_budgets_from_one_scores_file(pruned_tod, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(prune, "compute_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no calibration")))
+    out = tmp_path / "multi"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--scores", pruned_tod, "--quiet") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["budget-0.25", "budget-0.5"]
+    for budget, removed in (("0.25", 9), ("0.5", 18)):
+        plan = PrunePlan.load(out / f"budget-{budget}")
+        assert plan.removed_total == removed
+        assert (out / f"budget-{budget}" / "model.safetensors").is_file()
+    assert PrunePlan.load(out / "budget-0.5").kept_experts == PrunePlan.load(pruned_tod).kept_experts
+
+
+def test_dry_run_on_a_bare_real_config(capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "models" / "qwen1.5-moe-a2.7b.json"
+    assert run_cli("--model", config, "--budget", "0.25", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "24 MoE layers" in out and "60 routed experts per layer" in out
+    assert "360 experts removed" in out
+    assert "14.316 B in all" in out  # Qwen1.5-MoE-A2.7B has 14.3 B parameters
