@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true",
                    help="skip reloading the written checkpoint and comparing it with the masked original")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    h = p.add_argument_group("share")
+    h.add_argument("--push-to-hub", metavar="REPO_ID", help="upload --out to this Hub repo once it is complete and verified")
+    h.add_argument("--private", action="store_true", help="create the Hub repo as private")
     return p
 
 
@@ -296,6 +300,12 @@ def run(args) -> None:
     if ppl_texts:
         report_perplexity(args, targets, ppl_texts, dense_ppl, tokenizer, dtype, device)
     print(f"wrote {args.out}")
+    if args.push_to_hub:
+        from fair_moe.push import push
+
+        if len(targets) > 1:
+            raise FairMoeError("--push-to-hub takes one budget: push each OUT/budget-B folder with python -m fair_moe.push")
+        print(f"pushed to {push(args.out, args.push_to_hub, args.private)}")
 
 
 def budget_folder(plan: PrunePlan) -> str:
