@@ -106,12 +106,23 @@ def make_batches(
     tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int
 ) -> list[tuple[int, torch.Tensor]]:
     """[(source index, input_ids [B, seq_len])], ``samples`` windows spread evenly over the sources."""
+    return make_calibration_split(tokenizer, sources, samples, seq_len, batch_size, seed, 0)[0]
+
+
+def make_calibration_split(
+    tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int,
+    selection_samples: int,
+) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
+    """Calibration batches as in ``make_batches``, plus up to ``selection_samples`` windows [n, seq_len]
+    that the calibration does not use (for scoring candidate plans). Selection windows come only from
+    text left over after the calibration windows were drawn, so they never change the calibration."""
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
     gen = torch.Generator().manual_seed(seed)
     per_source = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
-    batches = []
-    for klass, (source, wanted) in enumerate(zip(sources, per_source)):
+    per_source_sel = [selection_samples // len(sources) + (i < selection_samples % len(sources)) for i in range(len(sources))]
+    batches, selection = [], []
+    for klass, (source, wanted, wanted_sel) in enumerate(zip(sources, per_source, per_source_sel)):
         stream = token_stream(tokenizer, source.texts)
         available = len(stream) // seq_len
         if available == 0:
@@ -119,11 +130,15 @@ def make_batches(
                 f"calibration source {source.name!r} has only {len(stream)} tokens, fewer than --seq-len {seq_len}: "
                 "pass more text or lower --seq-len"
             )
-        if wanted == 0:
-            continue
         if available < wanted:
             log.warning("calibration source %r gives %d windows of %d tokens, not %d", source.name, available, seq_len, wanted)
-        chosen = torch.randperm(available, generator=gen)[:wanted].sort().values
-        windows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in chosen.tolist()])
+        order = torch.randperm(available, generator=gen)
+        chosen = order[:wanted].sort().values.tolist()
+        held = order[wanted : wanted + wanted_sel].sort().values.tolist()
+        selection.extend(stream[i * seq_len : (i + 1) * seq_len] for i in held)
+        if not chosen:
+            continue
+        windows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in chosen])
         batches.extend((klass, windows[i : i + batch_size]) for i in range(0, len(windows), batch_size))
-    return batches
+    selection_ids = torch.stack(selection) if selection else torch.zeros(0, seq_len, dtype=torch.long)
+    return batches, selection_ids

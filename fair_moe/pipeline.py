@@ -15,7 +15,7 @@ from torch import nn
 
 from fair_moe import allocate
 from fair_moe.adapters import get_adapter
-from fair_moe.calibration import CalibrationSource, make_batches
+from fair_moe.calibration import CalibrationSource, make_calibration_split
 from fair_moe.errors import FairMoeError
 from fair_moe.plan import PrunePlan
 from fair_moe.rewrite import apply_plan
@@ -23,7 +23,7 @@ from fair_moe.scores import Scores, model_fingerprint
 from fair_moe.signals import REMOVAL_SIGNALS, run_calibration
 
 log = logging.getLogger(__name__)
-ALLOCATIONS = ("tod", "uniform", "global")
+ALLOCATIONS = ("tod", "uniform", "global", "auto")
 PROTECTIONS = ("taylor",)
 
 
@@ -128,13 +128,20 @@ def compute_scores(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    selection_samples: int | None = None,
 ) -> Scores:
-    """One calibration pass over ``sources``; every removal signal and the Taylor protection."""
+    """One calibration pass over ``sources``; every removal signal and the Taylor protection.
+
+    ``selection_samples`` windows (default samples // 8, at least 4) of text the pass does not use are
+    kept in the scores for ``--allocation auto`` to compare candidate plans on.
+    """
     adapter = get_adapter(model.config)
     layers = adapter.moe_layers(model)
     if not layers:
         raise FairMoeError(f"the model ({model.config.model_type}) has no MoE layers to prune")
-    batches = make_batches(tokenizer, sources, samples, seq_len, batch_size, seed)
+    if selection_samples is None:
+        selection_samples = max(4, samples // 8)
+    batches, selection_ids = make_calibration_split(tokenizer, sources, samples, seq_len, batch_size, seed, selection_samples)
     removal, protection, tokens = run_calibration(model, layers, batches, len(sources), seed, progress)
     meta = {
         "model_type": model.config.model_type,
@@ -151,7 +158,7 @@ def compute_scores(
             "seed": seed,
         },
     }
-    scores = Scores([layer.index for layer in layers], removal, protection, meta)
+    scores = Scores([layer.index for layer in layers], removal, protection, meta, selection_ids)
     scores.check_finite()
     return scores
 
@@ -166,6 +173,8 @@ def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = N
             f"--removal {settings.removal} was not computed for these scores "
             f"(have: {', '.join(sorted(scores.removal))}); wasserstein needs ≥ 2 calibration sources (--calib-file twice)"
         )
+    if settings.allocation == "auto":
+        raise FairMoeError("--allocation auto compares candidate plans on the model: use fair_moe.select.select_plan")
     u = scores.removal[settings.removal]
     r = scores.protection
     min_keep = layout.min_keep(settings)
@@ -232,7 +241,13 @@ def prune_model(
         if sources and isinstance(sources[0], str):
             sources = [CalibrationSource("texts", list(calibration))]
         scores = compute_scores(model, tokenizer, sources, samples, seq_len, batch_size, seed, progress)
-    plan = make_plan(scores, settings, base_model=getattr(model.config, "_name_or_path", None) or None)
+    base = getattr(model.config, "_name_or_path", None) or None
+    if allocation == "auto":
+        from fair_moe.select import select_plan
+
+        plan = select_plan(model, scores, settings, base_model=base, progress=progress)
+    else:
+        plan = make_plan(scores, settings, base_model=base)
     with torch.no_grad():
         apply_plan(model, plan)
     return model, plan

@@ -214,6 +214,12 @@ def describe_layout(config, adapter, layout: ExpertLayout, settings: PlanSetting
 
 
 def print_plan(plan: PrunePlan) -> None:
+    if "selected" in plan.settings:
+        print("candidate plans (loss on held-out calibration windows):")
+        for c in sorted(plan.settings["candidates"], key=lambda c: c["loss"]):
+            print(f"  {c['allocation']:8s} {c['removal']:12s} {c['loss']:.4f}")
+        chosen = plan.settings["selected"]
+        print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
     print(f"plan ({plan.settings['allocation']} + {plan.settings['removal']}"
           + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "") + "):")
     print("  layer  kept  removed")
@@ -275,7 +281,7 @@ def run(args) -> None:
     else:
         scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, args.batch_size, args.seed,
                                 progress=not args.quiet)
-    plans = [make_plan(scores, settings, base_model=args.model) for settings in all_settings]
+    plans = [plan_for(model, scores, settings, args) for settings in all_settings]
     for plan in plans:
         print_plan(plan)
 
@@ -306,6 +312,15 @@ def run(args) -> None:
         if len(targets) > 1:
             raise FairMoeError("--push-to-hub takes one budget: push each OUT/budget-B folder with python -m fair_moe.push")
         print(f"pushed to {push(args.out, args.push_to_hub, args.private)}")
+
+
+def plan_for(model, scores: Scores, settings: PlanSettings, args) -> PrunePlan:
+    if settings.allocation == "auto":
+        from fair_moe.select import select_plan
+
+        return select_plan(model, scores, settings, base_model=args.model, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    return make_plan(scores, settings, base_model=args.model)
 
 
 def budget_folder(plan: PrunePlan) -> str:
