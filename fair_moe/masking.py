@@ -2,7 +2,9 @@
 
 Inside ``masked_experts`` each router's real logits are kept and the top-k weights and ids are
 recomputed the way the family's router computes them, with the removed experts' logits (and, for
-routers with a selection bias, their selection scores) at -inf.
+routers with a selection bias, their selection scores) at -inf. With ``scales`` the routed-experts
+output of a layer is multiplied by its scale — the reference for a plan with a layer-scale
+compensation folded into its weights.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from fair_moe.adapters import get_adapter
 
 
 @contextlib.contextmanager
-def masked_experts(model: nn.Module, kept: dict[int, list[int]]) -> Iterator[None]:
-    """Make every expert not in ``kept[layer index]`` unreachable for the duration of the block."""
+def masked_experts(
+    model: nn.Module, kept: dict[int, list[int]], scales: dict[int, float] | None = None, keep_unmasked: bool = False
+) -> Iterator[None]:
+    """Make every expert not in ``kept[layer index]`` unreachable for the duration of the block.
+
+    ``keep_unmasked`` leaves the router's own (unmasked) top-k weights and ids on
+    ``router.fair_moe_unmasked`` after each call, for fitting compensations.
+    """
     adapter = get_adapter(model.config)
     handles = []
     try:
@@ -27,17 +35,30 @@ def masked_experts(model: nn.Module, kept: dict[int, list[int]]) -> Iterator[Non
                 continue
             removed = torch.ones(layer.num_experts, dtype=torch.bool)
             removed[list(kept[layer.index])] = False
-            handles.append(layer.router.register_forward_hook(_mask_hook(adapter, removed)))
+            handles.append(layer.router.register_forward_hook(_mask_hook(adapter, removed, keep_unmasked)))
+            if scales and layer.index in scales:
+                handles.append(layer.experts.register_forward_hook(_scale_hook(scales[layer.index])))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for layer in adapter.moe_layers(model):
+            layer.router.__dict__.pop("fair_moe_unmasked", None)
 
 
-def _mask_hook(adapter, removed: torch.Tensor):
+def _mask_hook(adapter, removed: torch.Tensor, keep_unmasked: bool):
     def hook(router, args, output):
         logits = adapter.router_logits(output)
+        if keep_unmasked:
+            router.fair_moe_unmasked = adapter.route(router, logits, None)
         weights, ids = adapter.route(router, logits, removed)
         return adapter.replace_router_output(output, logits, weights, ids)
+
+    return hook
+
+
+def _scale_hook(scale: float):
+    def hook(module, args, output):
+        return output * scale
 
     return hook

@@ -158,7 +158,8 @@ def compute_scores(
             "seed": seed,
         },
     }
-    scores = Scores([layer.index for layer in layers], removal, protection, meta, selection_ids)
+    calibration_ids = torch.cat([b for _, b in batches]) if batches else None
+    scores = Scores([layer.index for layer in layers], removal, protection, meta, selection_ids, calibration_ids)
     scores.check_finite()
     return scores
 
@@ -211,6 +212,41 @@ def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = N
     )
 
 
+def compensate(model: nn.Module, plan: PrunePlan, scores: Scores, kind: str, batch_size: int = 4) -> PrunePlan:
+    """Fit the chosen compensation on the calibration windows and record it in the plan (weights untouched:
+    ``apply_plan`` folds it in). ``auto`` keeps ``layer-scale`` only if it lowers the loss on the
+    selection windows, which the fit never sees."""
+    from fair_moe.compensate import COMPENSATIONS, fit_layer_scales
+
+    if kind not in (*COMPENSATIONS, "auto"):
+        raise FairMoeError(f"--compensate {kind!r} is unknown: use one of auto, {', '.join(COMPENSATIONS)}")
+    if kind == "none":
+        return plan
+    ids = scores.calibration_ids
+    if ids is None or len(ids) == 0:
+        raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
+                           "calibrate again or pass --compensate none")
+    scales = fit_layer_scales(model, plan.kept_experts, ids[:64], batch_size)
+    record = {"kind": "layer-scale", "scales": scales, "fit_windows": int(min(len(ids), 64))}
+    if kind == "auto":
+        from fair_moe.masking import masked_experts
+        from fair_moe.select import mean_loss
+
+        held = scores.selection_ids
+        if held is None or len(held) == 0:
+            return plan
+        with masked_experts(model, plan.kept_experts):
+            plain = mean_loss(model, held, batch_size)
+        with masked_experts(model, plan.kept_experts, scales=scales):
+            scaled = mean_loss(model, held, batch_size)
+        record.update(selection_loss_without=plain, selection_loss_with=scaled)
+        if scaled >= plain:
+            plan.settings = {**plan.settings, "compensation_rejected": record}
+            return plan
+    plan.compensation = record
+    return plan
+
+
 def prune_model(
     model: nn.Module,
     tokenizer,
@@ -220,6 +256,7 @@ def prune_model(
     tolerance: float | None = None,
     allocation: str = "tod",
     removal: str = "reap",
+    compensation: str = "none",
     samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
@@ -248,6 +285,7 @@ def prune_model(
         plan = select_plan(model, scores, settings, base_model=base, progress=progress)
     else:
         plan = make_plan(scores, settings, base_model=base)
+    plan = compensate(model, plan, scores, compensation, batch_size)
     with torch.no_grad():
         apply_plan(model, plan)
     return model, plan

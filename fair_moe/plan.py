@@ -26,6 +26,13 @@ class PrunePlan:
     settings: dict = field(default_factory=dict)
     alpha: float | None = None
     base_model: str | None = None
+    compensation: dict | None = None  # {"kind": "layer-scale", "scales": {layer: s}} folded into the weights
+
+    @property
+    def layer_scales(self) -> dict[int, float] | None:
+        if not self.compensation or self.compensation.get("kind") != "layer-scale":
+            return None
+        return {int(k): float(v) for k, v in self.compensation["scales"].items()}
 
     @property
     def kept_counts(self) -> dict[int, int]:
@@ -44,6 +51,9 @@ class PrunePlan:
 
         data = asdict(self)
         data["kept_experts"] = {str(k): sorted(v) for k, v in sorted(self.kept_experts.items())}
+        if self.compensation:
+            data["compensation"] = {**self.compensation,
+                                    "scales": {str(k): v for k, v in sorted(self.layer_scales.items())}}
         data["kept_counts"] = {str(k): v for k, v in self.kept_counts.items()}
         data["removed_total"] = self.removed_total
         data["fair_moe_version"] = __version__
@@ -69,4 +79,5 @@ class PrunePlan:
             settings=data.get("settings", {}),
             alpha=data.get("alpha"),
             base_model=data.get("base_model"),
+            compensation=data.get("compensation"),
         )

@@ -34,6 +34,7 @@ from fair_moe.pipeline import (
     ExpertLayout,
     PlanSettings,
     check_budget,
+    compensate,
     compute_scores,
     make_plan,
 )
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allocation", default="tod", choices=ALLOCATIONS)
     m.add_argument("--removal", default="reap", choices=REMOVAL_SIGNALS)
     m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
+    m.add_argument("--compensate", default="none", choices=["none", "layer-scale", "auto"],
+                   help="fold a least-squares output scale per MoE layer into the kept experts (auto: only if it "
+                        "lowers the loss on held-out calibration windows)")
 
     r = p.add_argument_group("reuse and runtime")
     r.add_argument("--scores", type=Path, help=f"{SCORES_FILE} from an earlier run: no calibration")
@@ -226,6 +230,9 @@ def print_plan(plan: PrunePlan) -> None:
     for layer, n in plan.kept_counts.items():
         print(f"  {layer:5d}  {n:4d}  {plan.num_experts - n:7d}")
     print(f"  total  {sum(plan.kept_counts.values()):4d}  {plan.removed_total:7d}")
+    if plan.layer_scales:
+        print("  layer scales (folded into kept experts): "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in plan.layer_scales.items()))
 
 
 def run(args) -> None:
@@ -281,7 +288,8 @@ def run(args) -> None:
     else:
         scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, args.batch_size, args.seed,
                                 progress=not args.quiet)
-    plans = [plan_for(model, scores, settings, args) for settings in all_settings]
+    plans = [compensate(model, plan_for(model, scores, settings, args), scores, args.compensate, args.batch_size)
+             for settings in all_settings]
     for plan in plans:
         print_plan(plan)
 
@@ -382,7 +390,7 @@ def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder
     probe = None
     if verify:
         probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), masked_experts(model, plan.kept_experts):
+        with torch.no_grad(), masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
             reference = model(input_ids=probe.to(model.device), use_cache=False).logits.float().cpu()
     compute_dtype = next(model.parameters()).dtype
 

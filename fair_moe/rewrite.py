@@ -82,6 +82,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
             if per_layer_config and getattr(module, "config", None) is model.config:
                 module.config = copy.copy(model.config)
                 adapter.set_count(module.config, len(kept))
+    if plan.layer_scales:
+        from fair_moe.compensate import fold_layer_scales
+
+        fold_layer_scales(model, plan.layer_scales)
     counts = plan.kept_counts
     adapter.set_count(model.config, max(counts.values()))
     for attr in adapter.count_attributes:

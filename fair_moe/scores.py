@@ -31,6 +31,7 @@ class Scores:
     protection: torch.Tensor
     meta: dict = field(default_factory=dict)
     selection_ids: torch.Tensor | None = None  # [n, seq] calibration-source windows not used for the scores
+    calibration_ids: torch.Tensor | None = None  # [n, seq] the windows the scores were computed from
 
     def check_finite(self) -> None:
         for name, tensor in [*self.removal.items(), ("taylor", self.protection)]:
@@ -45,8 +46,10 @@ class Scores:
         tensors = {f"removal.{k}": v.double().contiguous() for k, v in self.removal.items()}
         tensors["protection.taylor"] = self.protection.double().contiguous()
         tensors["layer_indices"] = torch.tensor(self.layer_indices, dtype=torch.int64)
-        if self.selection_ids is not None and len(self.selection_ids):
-            tensors["selection_ids"] = self.selection_ids.to(torch.int64).contiguous()
+        for name in ("selection_ids", "calibration_ids"):
+            ids = getattr(self, name)
+            if ids is not None and len(ids):
+                tensors[name] = ids.to(torch.int64).contiguous()
         save_file(tensors, str(path), metadata={"fair_moe": json.dumps(self.meta, sort_keys=True)})
 
     @classmethod
@@ -66,7 +69,7 @@ class Scores:
             raise FairMoeError(f"--scores {path} is not a fair_moe scores file (no protection.taylor / layer_indices)")
         removal = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("removal.")}
         scores = cls(tensors["layer_indices"].tolist(), removal, tensors["protection.taylor"], meta,
-                     tensors.get("selection_ids"))
+                     tensors.get("selection_ids"), tensors.get("calibration_ids"))
         scores.check_finite()
         return scores
 

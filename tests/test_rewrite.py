@@ -116,3 +116,53 @@ def test_write_atomically_overwrite_replaces_only_on_success(tmp_path):
     write_atomically(out, lambda f: (f / "new.txt").write_text("new"), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_layer_scale_compensation_round_trip(tmp_path):
+    """With scales folded in, the checkpoint equals the masked original with each routed output scaled."""
+    from fair_moe.compensate import fit_layer_scales
+
+    model = build_model(tiny_qwen2_moe_config())
+    plan = _plan(PLANS["very_uneven"])
+    ids = torch.randint(1, 97, (4, 24), generator=torch.Generator().manual_seed(3))
+    scales = fit_layer_scales(model, plan.kept_experts, ids)
+    assert scales[1] == pytest.approx(1.0)  # layer 1 keeps every expert: nothing to compensate
+    assert abs(scales[0] - 1.0) > 1e-3
+    plan.compensation = {"kind": "layer-scale", "scales": scales}
+    with masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
+        reference = _logits(model, IDS)
+    with masked_experts(model, plan.kept_experts):
+        unscaled = _logits(model, IDS)
+    assert (reference - unscaled).abs().max() > 1e-4
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path)
+    plan.save(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32)
+    assert (_logits(reloaded, IDS) - reference).abs().max().item() < 1e-4
+    assert PrunePlan.load(tmp_path).layer_scales == pytest.approx(scales)
+
+
+def test_layer_scale_is_the_least_squares_solution():
+    """s = Σ⟨y, ŷ⟩ / Σ‖ŷ‖² computed by hand from the two routed outputs of layer 0."""
+    from fair_moe.adapters import get_adapter
+    from fair_moe.compensate import fit_layer_scales
+
+    model = build_model(tiny_qwen2_moe_config(num_hidden_layers=1))
+    kept = {0: [0, 3, 4, 8, 10]}
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    layer = get_adapter(model.config).moe_layers(model)[0]
+    captured = {}
+    handle = layer.experts.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    x = captured["x"]
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x, layer.router.weight)
+        adapter = get_adapter(model.config)
+        w, i = adapter.route(layer.router, logits, None)
+        removed = torch.ones(12, dtype=torch.bool)
+        removed[kept[0]] = False
+        w2, i2 = adapter.route(layer.router, logits, removed)
+        y, y_hat = layer.experts(x, i, w).double(), layer.experts(x, i2, w2).double()
+    expected = (y * y_hat).sum() / (y_hat * y_hat).sum()
+    assert fit_layer_scales(model, kept, ids)[0] == pytest.approx(expected.item(), rel=1e-6)
