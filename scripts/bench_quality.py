@@ -25,21 +25,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fair_moe import PlanSettings, compute_scores, make_plan  # noqa: E402
+from fair_moe.pipeline import compensate  # noqa: E402
+from fair_moe.select import select_plan  # noqa: E402
 from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR, bundled_sources, sources_from_files, token_stream  # noqa: E402
 from fair_moe.masking import masked_experts  # noqa: E402
 from fair_moe.perplexity import stream_nll  # noqa: E402
 
+# (allocation, removal, compensation); baselines are the uniform and global rows.
 CONFIGS = [
-    ("tod", "reap"),
-    ("uniform", "reap"),
-    ("uniform", "frequency"),
-    ("uniform", "ean"),
-    ("uniform", "wasserstein"),
-    ("global", "reap"),
-    ("tod", "frequency"),
-    ("tod", "ean"),
-    ("uniform", "random"),
+    ("uniform", "reap", "none"),
+    ("uniform", "frequency", "none"),
+    ("uniform", "ean", "none"),
+    ("uniform", "wasserstein", "none"),
+    ("uniform", "random", "none"),
+    ("global", "reap", "none"),
+    ("global", "frequency", "none"),
+    ("global", "ean", "none"),
+    ("tod", "reap", "none"),
+    ("tod", "frequency", "none"),
+    ("tod", "ean", "none"),
+    ("tod", "wasserstein", "none"),
+    ("tod", "reap", "layer-scale"),
+    ("auto", "-", "none"),
+    ("auto", "-", "layer-scale"),
+    ("auto", "-", "auto"),
 ]
+BASELINES = {"uniform", "global"}
 
 
 def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
@@ -75,13 +86,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("dense", "-", None, heldout_perplexity(model, streams, args.seq_len))]
     for budget in budgets:
-        for allocation, removal in CONFIGS:
-            plan = make_plan(scores, PlanSettings(budget=budget, allocation=allocation, removal=removal))
-            with masked_experts(model, plan.kept_experts):
+        for allocation, removal, comp in CONFIGS:
+            if removal not in scores.removal and removal != "-":
+                continue
+            settings = PlanSettings(budget=budget, allocation=allocation, removal=removal if removal != "-" else "reap")
+            if allocation == "auto":
+                plan = select_plan(model, scores, settings, progress=False)
+            else:
+                plan = make_plan(scores, settings)
+            plan = compensate(model, plan, scores, comp)
+            with masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
                 ppl = heldout_perplexity(model, streams, args.seq_len)
-            rows.append((f"{allocation}+{removal}", budget, plan, ppl))
-            print(f"{budget:5.3f} {allocation:8s} {removal:12s} overall {ppl['overall']:8.3f}  "
-                  f"kept {list(plan.kept_counts.values())}", flush=True)
+            name = f"{allocation}+{removal}" if allocation != "auto" else f"auto({plan.settings['selected']['allocation']}+{plan.settings['selected']['removal']})"
+            if comp != "none":
+                name += f" +{comp}" + ("" if plan.layer_scales or comp != "auto" else "(off)")
+            rows.append((name, budget, plan, ppl))
+            print(f"{budget:5.3f} {name:40s} overall {ppl['overall']:8.3f}  kept {list(plan.kept_counts.values())}",
+                  flush=True)
 
     domains = [*streams, "overall"]
     lines = [
@@ -91,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         "| budget | method | " + " | ".join(domains) + " | kept per layer |",
         "|---|---|" + "---|" * len(domains) + "---|",
     ]
+    best_baseline = {}
+    for name, budget, plan, ppl in rows:
+        if plan is not None and name.split("+")[0] in BASELINES and not name.endswith("random"):
+            best_baseline[budget] = min(best_baseline.get(budget, math.inf), ppl["overall"])
     for name, budget, plan, ppl in rows:
         kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
-        best = ""
-        lines.append(f"| {budget} | {name}{best} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
+        mark = " (best baseline)" if plan is not None and ppl["overall"] == best_baseline.get(budget) else ""
+        lines.append(f"| {budget} | {name}{mark} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

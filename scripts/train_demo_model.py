@@ -123,13 +123,16 @@ def evaluate(model, streams: dict[str, torch.Tensor], seq: int) -> tuple[dict[st
 
 
 def routing_report(counts: torch.Tensor) -> list[str]:
-    lines = ["| layer | min share | max share | max/min | normalised entropy |", "|---|---|---|---|---|"]
+    """Per layer: experts never chosen, share of the least / most chosen live expert, their ratio, entropy."""
+    lines = ["| layer | experts never chosen | min share (chosen) | max share | max/min | normalised entropy |",
+             "|---|---|---|---|---|---|"]
     for layer, row in enumerate(counts.double()):
         share = row / row.sum()
-        entropy = -(share.clamp_min(1e-12) * share.clamp_min(1e-12).log()).sum() / math.log(len(row))
+        live = share[share > 0]
+        entropy = -(live * live.log()).sum() / math.log(len(row))
         lines.append(
-            f"| {layer} | {share.min():.4f} | {share.max():.4f} | {share.max() / share.min().clamp_min(1e-12):.1f} "
-            f"| {entropy:.3f} |"
+            f"| {layer} | {int((share == 0).sum())} | {live.min():.4f} | {share.max():.4f} | "
+            f"{share.max() / live.min():.1f} | {entropy:.3f} |"
         )
     return lines
 
