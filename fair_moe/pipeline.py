@@ -34,7 +34,7 @@ class PlanSettings:
 
     budget: float | None = 0.25
     tolerance: float | None = None
-    allocation: str = "tod"
+    allocation: str = "auto"
     removal: str = "reap"
     protection: str = "taylor"
     min_keep: int | None = None  # default: the router's top_k
@@ -254,9 +254,9 @@ def prune_model(
     budget: float | None = 0.25,
     *,
     tolerance: float | None = None,
-    allocation: str = "tod",
+    allocation: str = "auto",
     removal: str = "reap",
-    compensation: str = "none",
+    compensation: str = "auto",
     samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,

@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-keep", type=int, help="experts every layer keeps (default: the router's top_k)")
 
     m = p.add_argument_group("method")
-    m.add_argument("--allocation", default="tod", choices=ALLOCATIONS)
-    m.add_argument("--removal", default="reap", choices=REMOVAL_SIGNALS)
+    m.add_argument("--allocation", default="auto", choices=ALLOCATIONS,
+                   help="auto (default): the best of tod / uniform / global with every removal signal, judged by the "
+                        "masked model's loss on calibration text the scores did not use; tod = the paper's rule")
+    m.add_argument("--removal", default="reap", choices=REMOVAL_SIGNALS,
+                   help="removal signal for tod / uniform / global (auto tries every signal but random)")
     m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
-    m.add_argument("--compensate", default="none", choices=["none", "layer-scale", "auto"],
+    m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "auto"],
                    help="fold a least-squares output scale per MoE layer into the kept experts (auto: only if it "
                         "lowers the loss on held-out calibration windows)")
 

@@ -41,11 +41,15 @@ def test_heldout_text_is_not_calibration_text():
         assert shared < 0.2 * len(lines), held.name  # boilerplate lines may recur, documents do not
 
 
-@pytest.mark.parametrize("allocation", ["tod", "uniform", "global"])
+@pytest.mark.parametrize("allocation", ["tod", "uniform", "global", "very_uneven"])
 def test_demo_round_trip_equals_masked_original(demo, allocation, tmp_path):
     model, tokenizer, scores = demo
-    plan = make_plan(scores, PlanSettings(budget=0.5, allocation=allocation))
-    assert plan.removed_total == 4 * 16
+    if allocation == "very_uneven":  # layer 0 keeps only top_k experts, layer 1 all of them
+        plan = make_plan(scores, PlanSettings(budget=0.5, allocation="uniform"))
+        plan.kept_experts = {0: [3, 9, 17, 30], 1: list(range(32)), 2: list(range(0, 32, 3)), 3: list(range(1, 32, 2))}
+    else:
+        plan = make_plan(scores, PlanSettings(budget=0.5, allocation=allocation))
+        assert plan.removed_total == 4 * 16
     text = (BUNDLED_HELDOUT_DIR / "python.txt").read_text()[:2000]
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :96]
     with torch.no_grad(), masked_experts(model, plan.kept_experts):
@@ -58,5 +62,5 @@ def test_demo_round_trip_equals_masked_original(demo, allocation, tmp_path):
 
 def test_tod_plan_on_the_demo_model_is_uneven(demo):
     _, _, scores = demo
-    plan = make_plan(scores, PlanSettings(budget=0.5))
+    plan = make_plan(scores, PlanSettings(budget=0.5, allocation="tod"))
     assert len(set(plan.kept_counts.values())) > 1

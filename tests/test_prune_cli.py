@@ -24,7 +24,8 @@ def run_cli(*args):
 def pruned_tod(tiny_checkpoint, calib_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tod"
     calib = [x for f in calib_files for x in ("--calib-file", f)]
-    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", *calib, *FAST) == 0
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "none", *calib, *FAST) == 0
     return out
 
 
@@ -63,7 +64,8 @@ def test_scores_reproduce_the_plan_without_calibrating(pruned_tod, tiny_checkpoi
 
     monkeypatch.setattr(prune, "compute_scores", no_calibration)
     out = tmp_path / "again"
-    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--scores", pruned_tod / SCORES_FILE, "--quiet") == 0
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod", "--compensate", "none",
+                   "--scores", pruned_tod / SCORES_FILE, "--quiet") == 0
     assert PrunePlan.load(out).kept_experts == PrunePlan.load(pruned_tod).kept_experts
 
 
@@ -144,6 +146,7 @@ BAD_INPUTS = {
     "missing scores": (["--budget", "0.25", "--scores", "/nonexistent/scores.safetensors"], "does not exist"),
     "wasserstein one class": (["--budget", "0.25", "--removal", "wasserstein", "--calib-file", "CALIB0"], "two calibration classes"),
     "tolerance with uniform": (["--tolerance", "0.3", "--allocation", "uniform"], "--tolerance"),
+    "tolerance with auto": (["--tolerance", "0.3"], "--tolerance"),
 }
 
 
@@ -182,7 +185,8 @@ def test_scores_of_another_model_are_refused(pruned_tod, tmp_path, capsys):
 def test_several_budgets_from_one_scores_file(pruned_tod, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(prune, "compute_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no calibration")))
     out = tmp_path / "multi"
-    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--scores", pruned_tod, "--quiet") == 0
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--allocation", "tod",
+                   "--compensate", "none", "--scores", pruned_tod, "--quiet") == 0
     assert sorted(p.name for p in out.iterdir()) == ["budget-0.25", "budget-0.5"]
     for budget, removed in (("0.25", 9), ("0.5", 18)):
         plan = PrunePlan.load(out / f"budget-{budget}")
@@ -200,3 +204,33 @@ def test_dry_run_on_a_bare_real_config(capsys):
     assert "24 MoE layers" in out and "60 routed experts per layer" in out
     assert "360 experts removed" in out
     assert "14.316 B in all" in out  # Qwen1.5-MoE-A2.7B has 14.3 B parameters
+
+
+def test_default_command_selects_and_compensates(tiny_checkpoint, calib_files, tmp_path):
+    """The default is --allocation auto --compensate auto; its output still equals the masked original."""
+    out = tmp_path / "default"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", *calib, *FAST) == 0
+    plan = PrunePlan.load(out)
+    assert plan.settings["allocation"] == "auto" and plan.removed_total == 18
+    assert len(plan.settings["candidates"]) == 12
+    assert "compensation_rejected" in plan.settings or plan.layer_scales is not None
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked_experts(original, plan.kept_experts, scales=plan.layer_scales):
+        reference = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (pruned(input_ids=ids).logits - reference).abs().max().item() < 1e-4
+
+
+def test_calib_dataset_from_a_local_folder(tiny_checkpoint, calib_files, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(calib_files[1], data / "train.jsonl")
+    out = tmp_path / "from_dataset"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", "uniform",
+                   "--calib-dataset", data, *FAST) == 0
+    assert PrunePlan.load(out).settings["calibration"]["sources"] == [str(data)]
