@@ -86,16 +86,28 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         from fair_moe.compensate import fold_layer_scales
 
         fold_layer_scales(model, plan.layer_scales)
-    counts = plan.kept_counts
-    adapter.set_count(model.config, max(counts.values()))
     for attr in adapter.count_attributes:
         if isinstance(getattr(model, attr, None), int):
-            setattr(model, attr, max(counts.values()))
-    if per_layer_config:
-        model.config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
-        model.config.fair_moe_layout = layout
-        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+            setattr(model, attr, max(plan.kept_counts.values()))
+    update_config(model.config, plan, layout)
     return model
+
+
+def update_config(config, plan: PrunePlan, layout: dict) -> None:
+    """Expert count field = the largest kept count; uneven plans add per-layer counts, layout and auto_map."""
+    adapter = get_adapter(config)
+    counts = plan.kept_counts
+    adapter.set_count(config, max(counts.values()))
+    if not plan.is_uniform:
+        config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
+        config.fair_moe_layout = layout
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+
+
+def layout_of(model: nn.Module) -> dict:
+    """Module names and per-expert tensor names the per-layer modeling file needs (from an unpruned model)."""
+    adapter = get_adapter(model.config)
+    return _layout(adapter, model, adapter.num_experts(model.config))
 
 
 def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) -> dict:
@@ -112,10 +124,10 @@ def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) ->
     }
 
 
-def modeling_source(model: nn.Module) -> str:
+def modeling_source(model: nn.Module | type) -> str:
     """The per-layer modeling file, its base class pointed at the model's own transformers class."""
     source = inspect.getsource(modeling_template)
-    cls = type(model)
+    cls = model if isinstance(model, type) else type(model)
     if getattr(cls, "__module__", "").endswith("modeling_fair_moe"):
         cls = cls.__mro__[1]  # re-pruning a non-uniform checkpoint: point at the stock class again
     line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"

@@ -1,7 +1,8 @@
 """Held-out perplexity of dense vs. pruned models for every allocation × removal signal at several budgets.
 
-    python scripts/bench_quality.py                                    # demo model, budgets 0.25 and 0.5
-    python scripts/bench_quality.py --budgets 0.125,0.25,0.375,0.5 --out bench_out/quality.md
+    python scripts/bench_quality.py --out bench_out/quality_demo.md     # demo model, budgets 0.125 … 0.625
+    python scripts/train_demo_model.py --arch olmoe --out bench_out/olmoe_demo --no-samples --steps 800
+    python scripts/bench_quality.py --model bench_out/olmoe_demo --out bench_out/quality_olmoe.md
 
 One calibration pass (the bundled calibration sample, one class per domain) gives the scores every
 configuration is allocated from; every pruned model is evaluated through the exact masked forward
@@ -41,14 +42,15 @@ CONFIGS = [
     ("global", "reap", "none"),
     ("global", "frequency", "none"),
     ("global", "ean", "none"),
+    ("global", "wasserstein", "none"),
     ("tod", "reap", "none"),
     ("tod", "frequency", "none"),
     ("tod", "ean", "none"),
     ("tod", "wasserstein", "none"),
     ("tod", "reap", "layer-scale"),
+    ("uniform", "ean", "layer-scale"),
     ("auto", "-", "none"),
-    ("auto", "-", "layer-scale"),
-    ("auto", "-", "auto"),
+    ("auto", "-", "auto"),  # the default command
 ]
 BASELINES = {"uniform", "global"}
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
     p.add_argument("--calib-file", type=Path, action="append", default=[], help="default: the bundled sample")
     p.add_argument("--heldout-dir", type=Path, default=BUNDLED_HELDOUT_DIR)
-    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--budgets", default="0.125,0.25,0.375,0.5,0.625")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{allocation}+{removal}" if allocation != "auto" else f"auto({plan.settings['selected']['allocation']}+{plan.settings['selected']['removal']})"
             if comp != "none":
                 name += f" +{comp}" + ("" if plan.layer_scales or comp != "auto" else "(off)")
+            if allocation == "auto" and comp == "auto":
+                name = "**default** " + name
             rows.append((name, budget, plan, ppl))
             print(f"{budget:5.3f} {name:40s} overall {ppl['overall']:8.3f}  kept {list(plan.kept_counts.values())}",
                   flush=True)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     best_baseline = {}
     for name, budget, plan, ppl in rows:
-        if plan is not None and name.split("+")[0] in BASELINES and not name.endswith("random"):
+        if plan is not None and name.split("+")[0] in BASELINES and "random" not in name and "layer-scale" not in name:
             best_baseline[budget] = min(best_baseline.get(budget, math.inf), ppl["overall"])
     for name, budget, plan, ppl in rows:
         kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
