@@ -1,9 +1,11 @@
 """One calibration pass that collects every removal signal and the Taylor protection signal.
 
 The experts module of each MoE layer is temporarily given a forward that calls the module's own
-forward once per hit expert (with that expert alone, weight 1) to get f_e(x) for exactly the tokens
-the router sent to it, and then combines ``f_e(x) · g`` the way the stock module does. Nothing runs
-an expert on a token it was not routed to; the routing used is the model's own top-k ids and weights.
+forward once, on every (token, chosen expert) pair as its own row with that expert alone at weight 1,
+so it returns f_e(x) for exactly the tokens the router sent to each expert (the same rows and FLOPs as
+the stock call, through the module's own kernel), and then combines ``f_e(x) · g`` as the stock module
+does. Nothing runs an expert on a token it was not routed to; the routing used is the model's own
+top-k ids and weights.
 
 The Taylor score needs ∂L/∂y only: a gradient hook on f_e(x) sees g · ∂L/∂y, so
 ⟨hook grad, f_e(x)⟩ summed over tokens is Σ_t ⟨∂L/∂y_t, g_t f_e(x_t)⟩ = Σ (∂L/∂W_down ⊙ W_down).
@@ -35,19 +37,22 @@ class LayerAccumulator:
         self.ean = torch.zeros(num_experts, dtype=torch.float64)
         self.reap_sum = torch.zeros(num_experts, dtype=torch.float64)
         self.taylor = torch.zeros(num_experts, dtype=torch.float64)
-        self.class_values: list[list[list[torch.Tensor]]] = [[[] for _ in range(num_experts)] for _ in range(num_classes)]
+        self.class_values: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_classes)]
 
-    def update(self, expert: int, klass: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
-        """Record expert ``expert`` on its routed tokens: weights g [n], outputs f_e(x) [n, H]."""
-        norms = outputs.detach().double().norm(dim=-1)
-        gated = weights.detach().double() * norms
-        self.count[expert] += len(norms)
-        self.ean[expert] += norms.sum().item()
-        self.reap_sum[expert] += gated.sum().item()
-        self.class_values[klass][expert].append(gated.float().cpu())
+    def update(self, experts: torch.Tensor, klass: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Record routed pairs: expert ids [P], weights g [P], outputs f_e(x) [P, H]."""
+        experts = experts.cpu()
+        norms = outputs.detach().double().norm(dim=-1).cpu()
+        gated = weights.detach().double().cpu() * norms
+        self.count.index_add_(0, experts, torch.ones_like(norms))
+        self.ean.index_add_(0, experts, norms)
+        self.reap_sum.index_add_(0, experts, gated)
+        self.class_values[klass].append((experts, gated.float()))
 
-    def add_taylor(self, expert: int, grad: torch.Tensor, outputs: torch.Tensor) -> None:
-        self.taylor[expert] += (grad.double() * outputs.detach().double()).sum().item()
+    def add_taylor(self, experts: torch.Tensor, grad: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Σ over pairs of ⟨∂L/∂f, f⟩ per expert; grad and outputs [P, H]."""
+        dots = (grad.double() * outputs.detach().double()).sum(dim=-1).cpu()
+        self.taylor.index_add_(0, experts.cpu(), dots)
 
 
 class SignalCollector:
@@ -83,26 +88,26 @@ class SignalCollector:
         collector = self
 
         def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-            # hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]
-            final = torch.zeros_like(hidden_states)
+            # hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]; one row per routed pair below
             num_experts = acc.count.shape[0]
-            by_slot = top_k_index.t()  # [k, T]: the stock loop's order (slot-major) inside each expert
-            for expert in torch.unique(top_k_index).tolist():
-                if expert < 0 or expert >= num_experts:
-                    continue
-                slot, token = torch.where(by_slot == expert)
-                outputs = original(
-                    hidden_states[token],
-                    torch.full((len(token), 1), expert, dtype=top_k_index.dtype, device=top_k_index.device),
-                    torch.ones((len(token), 1), dtype=top_k_weights.dtype, device=top_k_weights.device),
-                    *args,
-                    **kwargs,
-                )
-                weights = top_k_weights[token, slot]
-                final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
-                acc.update(expert, collector.current_class, weights, outputs)
-                if collector.track_taylor and outputs.requires_grad:
-                    outputs.register_hook(_taylor_hook(acc, expert, outputs))
+            tokens, k = top_k_index.shape
+            flat = top_k_index.reshape(-1)
+            valid = (flat >= 0) & (flat < num_experts)  # padding / dropped slots carry no expert
+            token = torch.arange(tokens, device=flat.device).repeat_interleave(k)[valid]
+            experts = flat[valid]
+            weights = top_k_weights.reshape(-1)[valid]
+            outputs = original(
+                hidden_states[token],
+                experts[:, None],
+                torch.ones((len(token), 1), dtype=top_k_weights.dtype, device=top_k_weights.device),
+                *args,
+                **kwargs,
+            )  # [P, H]: f_e(x) for every routed (token, expert) pair
+            final = torch.zeros_like(hidden_states)
+            final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
+            acc.update(experts, collector.current_class, weights, outputs)
+            if collector.track_taylor and outputs.requires_grad:
+                outputs.register_hook(_taylor_hook(acc, experts, outputs))
             return final
 
         experts.forward = types.MethodType(forward, experts)
@@ -123,22 +128,31 @@ class SignalCollector:
         return removal, protection
 
     def _wasserstein(self, acc: LayerAccumulator) -> torch.Tensor:
-        """Per expert: max over class pairs of W1 between per-token g·‖f‖ distributions (0 if not routed)."""
+        """Per expert: max over class pairs of W1 between per-token g·‖f‖ distributions (0 if not routed).
+
+        A class's distribution for expert e is its routed values plus a zero for every other token of
+        the class; the order inside a column does not matter, so values fill each column from the top.
+        """
         num_experts = acc.count.shape[0]
         samples = []
-        for klass, per_expert in enumerate(acc.class_values):
+        for klass, chunks in enumerate(acc.class_values):
             dense = torch.zeros(self.class_tokens[klass], num_experts, dtype=torch.float64)
-            for expert, chunks in enumerate(per_expert):
-                if chunks:
-                    values = torch.cat(chunks).double()
-                    dense[: len(values), expert] = values
+            if chunks:
+                experts = torch.cat([e for e, _ in chunks])
+                values = torch.cat([v for _, v in chunks]).double()
+                order = torch.sort(experts, stable=True).indices
+                experts, values = experts[order], values[order]
+                counts = torch.bincount(experts, minlength=num_experts)
+                starts = torch.cumsum(counts, 0) - counts
+                rows = torch.arange(len(experts)) - starts[experts]
+                dense[rows, experts] = values
             samples.append(dense)
         return max_pairwise_wasserstein(samples)
 
 
-def _taylor_hook(acc: LayerAccumulator, expert: int, outputs: torch.Tensor):
+def _taylor_hook(acc: LayerAccumulator, experts: torch.Tensor, outputs: torch.Tensor):
     def hook(grad: torch.Tensor) -> None:
-        acc.add_taylor(expert, grad, outputs)
+        acc.add_taylor(experts, grad, outputs)
 
     return hook
 
