@@ -122,7 +122,7 @@ def make_calibration_split(
     per_source = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
     per_source_sel = [selection_samples // len(sources) + (i < selection_samples % len(sources)) for i in range(len(sources))]
     batches, selection = [], []
-    for klass, (source, wanted, wanted_sel) in enumerate(zip(sources, per_source, per_source_sel)):
+    for klass, (source, wanted, wanted_sel) in enumerate(zip(sources, per_source, per_source_sel, strict=True)):
         stream = token_stream(tokenizer, source.texts)
         available = len(stream) // seq_len
         if available == 0:

@@ -190,7 +190,7 @@ def make_plan(scores: Scores, settings: PlanSettings, base_model: str | None = N
         result = allocate.tod(u, r, n_max, alpha=settings.tolerance, groups=groups)
     kept = {
         index: sorted(set(range(num_experts)) - set(removed))
-        for index, removed in zip(scores.layer_indices, result.removed)
+        for index, removed in zip(scores.layer_indices, result.removed, strict=True)
     }
     return PrunePlan(
         model_type=scores.meta["model_type"],

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     print("\n| model | tokens | floor s | fair_moe s | time ratio | floor peak MiB | fair_moe peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for floor, ours in zip(rows[::2], rows[1::2]):
+    for floor, ours in zip(rows[::2], rows[1::2], strict=True):
         print(f"| {floor['model']} | {floor['tokens']} | {floor['seconds']:.1f} | {ours['seconds']:.1f} | "
               f"{ours['seconds'] / floor['seconds']:.2f} | {floor['peak_mib_above_weights']:.0f} | "
               f"{ours['peak_mib_above_weights']:.0f} | "

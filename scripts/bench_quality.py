@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fair_moe import PlanSettings, compute_scores, make_plan  # noqa: E402
-from fair_moe.pipeline import compensate  # noqa: E402
-from fair_moe.select import select_plan  # noqa: E402
 from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR, bundled_sources, sources_from_files, token_stream  # noqa: E402
 from fair_moe.masking import masked_experts  # noqa: E402
 from fair_moe.perplexity import stream_nll  # noqa: E402
+from fair_moe.pipeline import compensate  # noqa: E402
+from fair_moe.select import select_plan  # noqa: E402
 
 # (allocation, removal, compensation); baselines are the uniform and global rows.
 CONFIGS = [

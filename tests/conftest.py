@@ -110,6 +110,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calib_files(tmp_path_factory):
     """Two calibration classes (code-like and licence-like text), long enough for 8 × 32-token windows."""
+    import json
     import random
 
     rng = random.Random(0)
@@ -117,5 +118,5 @@ def calib_files(tmp_path_factory):
     code = "\n".join(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {i}" for i in range(120))
     legal = " ".join(rng.choice(["permission", "granted", "free", "charge", "person", "software", "the", "to", "of"]) for _ in range(900))
     (folder / "code.txt").write_text(code)
-    (folder / "legal.jsonl").write_text("\n".join('{"text": "%s"}' % legal[i : i + 400] for i in range(0, len(legal), 400)))
+    (folder / "legal.jsonl").write_text("\n".join(json.dumps({"text": legal[i : i + 400]}) for i in range(0, len(legal), 400)))
     return [folder / "code.txt", folder / "legal.jsonl"]

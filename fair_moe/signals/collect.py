@@ -75,7 +75,7 @@ class SignalCollector:
         """Patch every experts module for the duration of the block; always restored."""
         patched = []
         try:
-            for layer, acc in zip(self.layers, self.acc):
+            for layer, acc in zip(self.layers, self.acc, strict=True):
                 self._patch(layer.experts, acc)
                 patched.append(layer.experts)
             yield
