@@ -27,6 +27,7 @@ class PrunePlan:
     alpha: float | None = None
     base_model: str | None = None
     compensation: dict | None = None  # {"kind": "layer-scale", "scales": {layer: s}} folded into the weights
+    unit: str = "experts"  # "experts" (MoE, saved as kept_experts) or "units" (vision neurons, saved as kept_units)
 
     @property
     def layer_scales(self) -> dict[int, float] | None:
@@ -50,7 +51,8 @@ class PrunePlan:
         from fair_moe import __version__
 
         data = asdict(self)
-        data["kept_experts"] = {str(k): sorted(v) for k, v in sorted(self.kept_experts.items())}
+        kept = data.pop("kept_experts")
+        data[f"kept_{self.unit}"] = {str(k): sorted(v) for k, v in sorted(kept.items())}
         if self.compensation:
             data["compensation"] = {**self.compensation,
                                     "scales": {str(k): v for k, v in sorted(self.layer_scales.items())}}
@@ -75,9 +77,10 @@ class PrunePlan:
             model_type=data["model_type"],
             num_experts=data["num_experts"],
             top_k=data["top_k"],
-            kept_experts={int(k): list(v) for k, v in data["kept_experts"].items()},
+            kept_experts={int(k): list(v) for k, v in data.get("kept_experts", data.get("kept_units", {})).items()},
             settings=data.get("settings", {}),
             alpha=data.get("alpha"),
             base_model=data.get("base_model"),
             compensation=data.get("compensation"),
+            unit=data.get("unit", "experts"),
         )

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-file", type=Path, action="append", default=[], help=".txt or .jsonl; repeatable, one class each")
+    c.add_argument("--calib-images", type=Path,
+                   help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons)")
     c.add_argument("--calib-dataset", help="datasets name or local data path")
     c.add_argument("--calib-config", help="dataset config; comma-separated for several classes")
     c.add_argument("--calib-split", default="train")
@@ -74,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allocation", default="auto", choices=ALLOCATIONS,
                    help="auto (default): the best of tod / uniform / global with every removal signal, judged by the "
                         "masked model's loss on calibration text the scores did not use; tod = the paper's rule")
-    m.add_argument("--removal", default="reap", choices=REMOVAL_SIGNALS,
-                   help="removal signal for tod / uniform / global (auto tries every signal but random)")
+    m.add_argument("--removal", default=None, choices=REMOVAL_SIGNALS,
+                   help="removal signal for tod / uniform / global (default reap for MoE, wasserstein for vision; "
+                        "auto tries every signal but random)")
     m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
     m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "auto"],
                    help="fold a least-squares output scale per MoE layer into the kept experts (auto: only if it "
@@ -244,6 +247,11 @@ def print_plan(plan: PrunePlan) -> None:
 def run(args) -> None:
     if not args.model:
         raise FairMoeError("--model is required (a checkpoint folder or Hub id)")
+    if args.calib_images is not None:
+        from fair_moe.vision.cli import run_vision
+
+        return run_vision(args)
+    args.removal = args.removal or "reap"
     if not args.out and not args.dry_run:
         raise FairMoeError("--out is required: the folder the pruned checkpoint is written to")
     all_settings = settings_from_args(args)

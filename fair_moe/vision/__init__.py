@@ -1,0 +1,1 @@
+"""Vision transformers through the same interface: MLP hidden neurons of each encoder layer are the units."""

@@ -1,0 +1,72 @@
+"""Slice pruned MLP neurons out of a vision transformer and write a loadable checkpoint.
+
+fc1 keeps the rows (weight and bias) of the kept neurons, fc2 the matching columns. One width in
+every layer → the stock architecture with ``intermediate_size`` updated; different widths → the
+per-layer widths in the config and a modeling file registered through ``auto_map``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fair_moe.plan import PrunePlan
+from fair_moe.vision import modeling_template
+from fair_moe.vision.units import mlp_layers
+
+MODELING_FILE = "modeling_fair_moe.py"
+
+
+def zero_removed(model: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
+    """The reference: removed neurons' fc1 rows and biases set to zero, in place (act(0) = 0 for GELU/ReLU)."""
+    with torch.no_grad():
+        for layer in mlp_layers(model):
+            removed = torch.ones(layer.width, dtype=torch.bool)
+            removed[kept[layer.index]] = False
+            layer.fc1.weight[removed] = 0
+            if layer.fc1.bias is not None:
+                layer.fc1.bias[removed] = 0
+    return model
+
+
+def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def apply_vision_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Slice every encoder MLP to its kept neurons and update the config. Returns the same model."""
+    widths = {}
+    with torch.no_grad():
+        for layer in mlp_layers(model):
+            keep = torch.tensor(sorted(plan.kept_experts[layer.index]), dtype=torch.long)
+            mlp = getattr(model, model.base_model_prefix).layers[layer.index].mlp
+            fc1, fc2 = layer.fc1, layer.fc2
+            mlp.fc1 = _linear_like(fc1, fc1.weight[keep], None if fc1.bias is None else fc1.bias[keep])
+            mlp.fc2 = _linear_like(fc2, fc2.weight[:, keep], fc2.bias)
+            widths[str(layer.index)] = len(keep)
+    model.config.intermediate_size = max(widths.values())
+    if len(set(widths.values())) > 1:
+        model.config.fair_moe_intermediate_sizes = widths
+        model.config.auto_map = {"AutoModelForImageClassification": f"{MODELING_FILE[:-3]}.FairMoeForImageClassification"}
+    return model
+
+
+def save_vision(model: nn.Module, folder: Path, image_processor=None) -> None:
+    model.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+    if getattr(model.config, "fair_moe_intermediate_sizes", None):
+        source = inspect.getsource(modeling_template)
+        cls = type(model)
+        line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"
+        (Path(folder) / MODELING_FILE).write_text(re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, source,
+                                                         count=1, flags=re.M))

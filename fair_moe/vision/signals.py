@@ -1,0 +1,87 @@
+"""Per-neuron signals for vision transformers, from one pass over labelled images.
+
+- removal ``wasserstein`` (the paper's U-score): each neuron's activation act(fc1(x)) averaged over
+  tokens gives one value per image; U = max over class pairs of the 1-D W1 distance between the
+  per-class distributions, vectorised over all neurons of a layer (one sort per class and layer);
+- removal ``random``: seeded control;
+- protection ``taylor``: |Σ_batches Σ (∂L/∂W ⊙ W)| over the neuron's fc1 row (weight and bias), which
+  equals |Σ_{images, tokens} ∂L/∂z · z| for its pre-activation z — from activation gradients only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fair_moe.signals.collect import activation_gradients_only
+from fair_moe.signals.wasserstein import max_pairwise_wasserstein
+from fair_moe.vision.units import MLPLayer, encoder, mlp_layers
+
+VISION_REMOVAL_SIGNALS = ("wasserstein", "random")
+
+
+class NeuronRecorder:
+    """Per layer: mean-over-tokens activations [images, I] by class, and the signed Taylor sums [I]."""
+
+    def __init__(self, layers: list[MLPLayer], num_classes: int):
+        self.layers = layers
+        self.activations = [[[] for _ in range(num_classes)] for _ in layers]
+        self.taylor = [torch.zeros(layer.width, dtype=torch.float64) for layer in layers]
+        self.labels: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = [layer.fc1.register_forward_hook(self._hook(n)) for n, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, n: int):
+        def hook(module, args, z):  # z: pre-activation [B, T, I]
+            act = self.layers[n].activation(z.detach()).mean(dim=1).double().cpu()  # [B, I]
+            for klass in self.labels.unique().tolist():
+                self.activations[n][klass].append(act[self.labels == klass])
+            if z.requires_grad:
+                z.register_hook(self._taylor(n, z))
+
+        return hook
+
+    def _taylor(self, n: int, z):
+        def hook(grad) -> None:  # returns None: the gradient itself is left untouched
+            self.taylor[n] += (grad.double() * z.detach().double()).sum(dim=(0, 1)).cpu()
+
+        return hook
+
+
+def vision_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int, seed: int = 0,
+                  progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Removal signals {name: [L, I]} and Taylor protection [L, I] over (pixel_values, labels) batches."""
+    layers = mlp_layers(model)
+    recorder = NeuronRecorder(layers, num_classes)
+    device = next(model.parameters()).device
+    embeddings = encoder(model).embeddings
+    handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        with activation_gradients_only(model), recorder.attached():
+            for pixels, labels in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+                recorder.labels = labels
+                out = model(pixel_values=pixels.to(device), labels=labels.to(device))
+                out.loss.backward()
+    finally:
+        handle.remove()
+    wasserstein = []
+    for per_class in recorder.activations:
+        samples = [torch.cat(chunks) for chunks in per_class if chunks]
+        wasserstein.append(max_pairwise_wasserstein(samples))
+    shape = (len(layers), layers[0].width)
+    removal = {
+        "wasserstein": torch.stack(wasserstein),
+        "random": torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
+    }
+    return removal, torch.stack(recorder.taylor).abs()
