@@ -19,6 +19,8 @@ from torch import nn
 
 from fair_moe.adapters import get_adapter
 from fair_moe.masking import masked_experts
+from fair_moe.signals.collect import restore_forward
+from fair_moe.signals.layerwise import execution_device
 
 COMPENSATIONS = ("none", "layer-scale")
 
@@ -29,7 +31,7 @@ def fit_layer_scales(model: nn.Module, kept: dict[int, list[int]], input_ids: to
     adapter = get_adapter(model.config)
     layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
     sums = {layer.index: [0.0, 0.0] for layer in layers}  # Σ⟨y, ŷ⟩, Σ‖ŷ‖²
-    device = next(model.parameters()).device
+    device = execution_device(model)
     with masked_experts(model, kept, keep_unmasked=True), contextlib.ExitStack() as stack:
         for layer in layers:
             stack.enter_context(_recording(layer, sums[layer.index]))
@@ -51,11 +53,12 @@ def _recording(layer, acc: list[float]):
         acc[1] += (pruned.double() ** 2).sum().item()
         return pruned
 
+    previous = experts.__dict__.get("forward")
     experts.forward = types.MethodType(forward, experts)
     try:
         yield
     finally:
-        del experts.forward
+        restore_forward(experts, previous)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fair_moe.calibration import token_stream
+from fair_moe.signals.layerwise import execution_device
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: 
     tokens not scored by an earlier window count, so every token after the first is scored exactly once.
     """
     stride = stride or max(1, seq_len // 2)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     total, scored, prev_end = 0.0, 0, 1
     starts = list(range(0, max(1, len(ids) - 1), stride))
     for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress):

@@ -129,6 +129,7 @@ def compute_scores(
     seed: int = 0,
     progress: bool = True,
     selection_samples: int | None = None,
+    layerwise: bool = False,
 ) -> Scores:
     """One calibration pass over ``sources``; every removal signal and the Taylor protection.
 
@@ -142,7 +143,12 @@ def compute_scores(
     if selection_samples is None:
         selection_samples = max(4, samples // 8)
     batches, selection_ids = make_calibration_split(tokenizer, sources, samples, seq_len, batch_size, seed, selection_samples)
-    removal, protection, tokens = run_calibration(model, layers, batches, len(sources), seed, progress)
+    if layerwise:  # activation memory of one decoder layer; works with accelerate-offloaded weights
+        from fair_moe.signals.layerwise import run_calibration_layerwise
+
+        removal, protection, tokens = run_calibration_layerwise(model, layers, batches, len(sources), seed, progress)
+    else:
+        removal, protection, tokens = run_calibration(model, layers, batches, len(sources), seed, progress)
     meta = {
         "model_type": model.config.model_type,
         "num_experts": layers[0].num_experts,

@@ -41,6 +41,7 @@ from fair_moe.pipeline import (
 from fair_moe.plan import PrunePlan
 from fair_moe.scores import SCORES_FILE, Scores, model_fingerprint
 from fair_moe.signals import REMOVAL_SIGNALS
+from fair_moe.signals.layerwise import execution_device
 
 log = logging.getLogger("fair_moe")
 
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = the checkpoint's, but float32 on CPU for half-precision checkpoints. "
                         "Weights are saved in the checkpoint's own dtype.")
+    r.add_argument("--device-map", help="accelerate device map for models larger than memory (e.g. auto); implies "
+                   "--layerwise and a streamed rewrite")
+    r.add_argument("--max-memory", help="per-device memory for --device-map, e.g. 'cpu=8GiB' or '0=20GiB,cpu=64GiB'")
+    r.add_argument("--offload-folder", type=Path, help="where --device-map offloads weights that do not fit")
+    r.add_argument("--layerwise", action="store_true",
+                   help="calibrate with per-layer recomputation: activation memory of one decoder layer")
     r.add_argument("--ppl-file", type=Path, action="append", default=[],
                    help="text file(s) to report dense vs. pruned perplexity on")
 
@@ -293,7 +300,12 @@ def run(args) -> None:
                                "or several comma-separated --calib-config values")
     ppl_texts = [p.read_text(encoding="utf-8") if p.is_file() else _missing(p) for p in args.ppl_file]
 
-    model, tokenizer = load_model(args.model, dtype, device)
+    placement = load_kwargs(args)
+    if placement and (args.no_stream or streamable_source(args.model) is None):
+        raise FairMoeError("--device-map needs the streamed rewrite: pass a local safetensors checkpoint folder as "
+                           "--model and drop --no-stream")
+    model, tokenizer = load_model(args.model, dtype, device, placement)
+    model.fair_moe_placement = placement
     if scores is not None:
         fingerprint = model_fingerprint(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()})
         if scores.meta.get("fingerprint") not in (None, fingerprint):
@@ -301,7 +313,7 @@ def run(args) -> None:
                                f"{scores.meta.get('fingerprint')} ≠ {fingerprint}): calibrate again without --scores")
     else:
         scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, args.batch_size, args.seed,
-                                progress=not args.quiet)
+                                progress=not args.quiet, layerwise=args.layerwise or bool(placement))
     plans = [compensate(model, plan_for(model, scores, settings, args), scores, args.compensate, args.batch_size)
              for settings in all_settings]
     for plan in plans:
@@ -324,7 +336,7 @@ def run(args) -> None:
         def write_all(tmp: Path) -> None:
             for i, plan in enumerate(plans):
                 # Streaming leaves the model untouched; slicing in memory needs a fresh copy per budget.
-                fresh = model if (source is not None or i == 0) else load_model(args.model, dtype, device)[0]
+                fresh = model if (source is not None or i == 0) else load_model(args.model, dtype, device, placement)[0]
                 write_pruned_files(fresh, tokenizer, plan, scores, tmp / budget_folder(plan), save_dtype, verify,
                                    source, not args.quiet)
 
@@ -373,7 +385,34 @@ def _missing(path: Path) -> str:
     raise FairMoeError(f"--ppl-file {path} does not exist")
 
 
-def load_model(name: str, dtype: torch.dtype, device: torch.device):
+def parse_max_memory(text: str | None) -> dict | None:
+    """'cpu=8GiB,0=20GiB' → {"cpu": "8GiB", 0: "20GiB"}."""
+    if not text:
+        return None
+    result = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise FairMoeError(f"--max-memory {text!r}: write DEVICE=SIZE pairs, e.g. cpu=8GiB,0=20GiB")
+        device, size = (x.strip() for x in part.split("=", 1))
+        result[int(device) if device.isdigit() else device] = size
+    return result
+
+
+def load_kwargs(args) -> dict:
+    """from_pretrained keyword arguments for accelerate placement (empty without --device-map)."""
+    if not args.device_map:
+        if args.max_memory or args.offload_folder:
+            raise FairMoeError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+        return {}
+    kwargs = {"device_map": args.device_map}
+    if args.max_memory:
+        kwargs["max_memory"] = parse_max_memory(args.max_memory)
+    if args.offload_folder:
+        kwargs["offload_folder"] = str(args.offload_folder)
+    return kwargs
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():
@@ -383,10 +422,12 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
         except (OSError, ValueError) as err:
             raise FairMoeError(f"cannot load the tokenizer of --model {name}: {str(err).splitlines()[0]}") from err
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=True, **(placement or {}))
         except (OSError, ValueError) as err:
             raise FairMoeError(f"cannot load the weights of --model {name}: {str(err).splitlines()[0]}") from err
-    return model.to(device).eval(), tokenizer
+    if not placement:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder: Path, save_dtype,
@@ -405,7 +446,7 @@ def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder
     if verify:
         probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
         with torch.no_grad(), masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
-            reference = model(input_ids=probe.to(model.device), use_cache=False).logits.float().cpu()
+            reference = model(input_ids=probe.to(execution_device(model)), use_cache=False).logits.float().cpu()
     compute_dtype = next(model.parameters()).dtype
 
     if source is not None:
@@ -421,7 +462,8 @@ def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder
     plot_allocation(plan, folder / "allocation.png")
     verify_expert_keys(folder, plan)
     if probe is not None:
-        check_reload(folder, probe, reference, compute_dtype, model.device, save_dtype)
+        check_reload(folder, probe, reference, compute_dtype, execution_device(model), save_dtype,
+                     placement=getattr(model, "fair_moe_placement", None))
 
 
 def write_streamed(model, plan: PrunePlan, source: Path, folder: Path, save_dtype, progress: bool = True) -> None:
@@ -449,7 +491,8 @@ def streamable_source(name: str) -> Path | None:
     return path if path.is_dir() and any(path.glob("*.safetensors")) else None
 
 
-def check_reload(folder: Path, probe: torch.Tensor, reference: torch.Tensor, dtype, device, save_dtype=None) -> None:
+def check_reload(folder: Path, probe: torch.Tensor, reference: torch.Tensor, dtype, device, save_dtype=None,
+                 placement: dict | None = None) -> None:
     """Reload the written checkpoint and compare its logits with the masked original's.
 
     Saving in a narrower dtype than the computation (a float16 checkpoint calibrated in float32) rounds
@@ -459,7 +502,13 @@ def check_reload(folder: Path, probe: torch.Tensor, reference: torch.Tensor, dty
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+        if placement:  # reload the way the original was loaded, offloading into a folder of its own
+            placement = {**placement, **({"offload_folder": str(Path(placement["offload_folder"]) / "verify")}
+                                         if "offload_folder" in placement else {})}
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype, **placement)
+        else:
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device)
+        reloaded.eval()
     with torch.no_grad():
         logits = reloaded(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     diff = (logits - reference).abs().max().item()

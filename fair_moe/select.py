@@ -19,6 +19,7 @@ from fair_moe.errors import FairMoeError
 from fair_moe.masking import masked_experts
 from fair_moe.plan import PrunePlan
 from fair_moe.scores import Scores
+from fair_moe.signals.layerwise import execution_device
 
 CANDIDATE_ALLOCATIONS = ("tod", "uniform", "global")
 CANDIDATE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")
@@ -27,7 +28,7 @@ CANDIDATE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")
 @torch.no_grad()
 def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over ``input_ids [n, seq]``."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     total, count = 0.0, 0
     for i in range(0, len(input_ids), batch_size):
         ids = input_ids[i : i + batch_size].to(device)

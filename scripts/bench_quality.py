@@ -56,9 +56,10 @@ BASELINES = {"uniform", "global"}
 
 
 def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
+    """Per-domain and overall perplexity over non-overlapping windows of seq_len tokens."""
     result, total_nll, total_n = {}, 0.0, 0
     for name, ids in streams.items():
-        nll, n = stream_nll(model, ids, seq_len)
+        nll, n = stream_nll(model, ids, seq_len, stride=seq_len)
         result[name] = math.exp(nll / n)
         total_nll, total_n = total_nll + nll, total_n + n
     result["overall"] = math.exp(total_nll / total_n)
@@ -75,14 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two benchmarks share 2 cores)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=True).eval()
     sources = sources_from_files(args.calib_file) if args.calib_file else bundled_sources()
-    scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, batch_size=8, seed=args.seed)
+    scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, batch_size=8, seed=args.seed,
+                            progress=False)
     streams = {f.stem: token_stream(tokenizer, [f.read_text()]) for f in sorted(args.heldout_dir.glob("*.txt"))}
     budgets = [float(b) for b in args.budgets.split(",")]
 

@@ -234,3 +234,16 @@ def test_calib_dataset_from_a_local_folder(tiny_checkpoint, calib_files, tmp_pat
     assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", "uniform",
                    "--calib-dataset", data, *FAST) == 0
     assert PrunePlan.load(out).settings["calibration"]["sources"] == [str(data)]
+
+
+def test_offloaded_run_gives_the_in_memory_plan(tiny_checkpoint, calib_files, tmp_path):
+    """--device-map auto with a tiny --max-memory offloads every weight to disk; plan and output are unchanged."""
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    common = ["--model", tiny_checkpoint, "--budget", "0.5", "--allocation", "tod", "--compensate", "none", *calib, *FAST]
+    assert run_cli(*common, "--out", tmp_path / "memory") == 0
+    assert run_cli(*common, "--out", tmp_path / "offload", "--device-map", "auto", "--max-memory", "cpu=60KB",
+                   "--offload-folder", tmp_path / "offload_weights") == 0
+    assert PrunePlan.load(tmp_path / "offload").kept_experts == PrunePlan.load(tmp_path / "memory").kept_experts
+    a = Scores.load(tmp_path / "memory")
+    b = Scores.load(tmp_path / "offload")
+    torch.testing.assert_close(a.protection, b.protection, rtol=1e-4, atol=1e-9)

@@ -76,12 +76,13 @@ class SignalCollector:
         patched = []
         try:
             for layer, acc in zip(self.layers, self.acc, strict=True):
+                # An instance-level forward (accelerate's offload hook) must come back exactly as it was.
+                patched.append((layer.experts, layer.experts.__dict__.get("forward")))
                 self._patch(layer.experts, acc)
-                patched.append(layer.experts)
             yield
         finally:
-            for module in patched:
-                del module.forward
+            for module, previous in patched:
+                restore_forward(module, previous)
 
     def _patch(self, experts: nn.Module, acc: LayerAccumulator) -> None:
         original = experts.forward
@@ -150,6 +151,19 @@ class SignalCollector:
         return max_pairwise_wasserstein(samples)
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the first parameter not offloaded to the meta device (accelerate), else the CPU."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def restore_forward(module: nn.Module, previous) -> None:
+    """Put back the instance-level ``forward`` a module had before patching (or none)."""
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
+
+
 def _taylor_hook(acc: LayerAccumulator, experts: torch.Tensor, outputs: torch.Tensor):
     def hook(grad: torch.Tensor) -> None:
         acc.add_taylor(experts, grad, outputs)
@@ -189,7 +203,7 @@ def run_calibration(
     Returns removal signals {name: [L, E]}, Taylor protection [L, E] and the number of tokens seen.
     """
     collector = SignalCollector(layers, num_classes)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     tokens = 0
     with activation_gradients_only(model), collector.instrument():
         for klass, input_ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
