@@ -226,7 +226,7 @@ def compensate(model: nn.Module, plan: PrunePlan, scores: Scores, kind: str, bat
 
     if kind not in (*COMPENSATIONS, "auto"):
         raise FairMoeError(f"--compensate {kind!r} is unknown: use one of auto, {', '.join(COMPENSATIONS)}")
-    if kind == "none":
+    if kind == "none" or plan.settings.get("compensation_decided"):
         return plan
     ids = scores.calibration_ids
     if ids is None or len(ids) == 0:
@@ -288,7 +288,7 @@ def prune_model(
     if allocation == "auto":
         from fair_moe.select import select_plan
 
-        plan = select_plan(model, scores, settings, base_model=base, progress=progress)
+        plan = select_plan(model, scores, settings, base_model=base, progress=progress, compensation=compensation)
     else:
         plan = make_plan(scores, settings, base_model=base)
     plan = compensate(model, plan, scores, compensation, batch_size)

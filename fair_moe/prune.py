@@ -236,10 +236,13 @@ def describe_layout(config, adapter, layout: ExpertLayout, settings: PlanSetting
 def print_plan(plan: PrunePlan) -> None:
     if "selected" in plan.settings:
         print("candidate plans (loss on held-out calibration windows):")
-        for c in sorted(plan.settings["candidates"], key=lambda c: c["loss"]):
-            print(f"  {c['allocation']:8s} {c['removal']:12s} {c['loss']:.4f}")
+        print("  allocation removal        loss    with layer scales")
+        for c in sorted(plan.settings["candidates"], key=lambda c: c["perplexity"]):
+            plain, scaled = c.get("loss"), c.get("loss_layer_scale")
+            print(f"  {c['allocation']:10s} {c['removal']:12s} {'' if plain is None else f'{plain:.4f}':>7s}  "
+                  f"{'' if scaled is None else f'{scaled:.4f}':>7s}")
         chosen = plan.settings["selected"]
-        print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
+        print(f"auto chose {chosen['allocation']} + {chosen['removal']}" + (" with layer scales" if chosen["layer_scale"] else ""))
     print(f"plan ({plan.settings['allocation']} + {plan.settings['removal']}"
           + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "") + "):")
     print("  layer  kept  removed")
@@ -358,7 +361,7 @@ def plan_for(model, scores: Scores, settings: PlanSettings, args) -> PrunePlan:
         from fair_moe.select import select_plan
 
         return select_plan(model, scores, settings, base_model=args.model, batch_size=args.batch_size,
-                           progress=not args.quiet)
+                           progress=not args.quiet, compensation=args.compensate)
     return make_plan(scores, settings, base_model=args.model)
 
 

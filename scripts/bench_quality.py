@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two benchmarks share 2 cores)")
+    p.add_argument("--only-auto", action="store_true", help="only the auto rows (the default command and auto alone)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -92,22 +93,26 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("dense", "-", None, heldout_perplexity(model, streams, args.seq_len))]
     for budget in budgets:
-        for allocation, removal, comp in CONFIGS:
+        for allocation, removal, comp in [c for c in CONFIGS if c[0] == "auto" or not args.only_auto]:
             if removal not in scores.removal and removal != "-":
                 continue
             settings = PlanSettings(budget=budget, allocation=allocation, removal=removal if removal != "-" else "reap")
             if allocation == "auto":
-                plan = select_plan(model, scores, settings, progress=False)
+                plan = select_plan(model, scores, settings, progress=False, compensation=comp)
             else:
                 plan = make_plan(scores, settings)
             plan = compensate(model, plan, scores, comp)
             with masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
                 ppl = heldout_perplexity(model, streams, args.seq_len)
-            name = f"{allocation}+{removal}" if allocation != "auto" else f"auto({plan.settings['selected']['allocation']}+{plan.settings['selected']['removal']})"
-            if comp != "none":
-                name += f" +{comp}" + ("" if plan.layer_scales or comp != "auto" else "(off)")
+            if allocation == "auto":
+                chosen = plan.settings["selected"]
+                name = f"auto → {chosen['allocation']}+{chosen['removal']}" + (" +layer-scale" if plan.layer_scales else "")
+            else:
+                name = f"{allocation}+{removal}" + (" +layer-scale" if plan.layer_scales else "")
             if allocation == "auto" and comp == "auto":
                 name = "**default** " + name
+            elif allocation == "auto":
+                name += " (no compensation)"
             rows.append((name, budget, plan, ppl))
             print(f"{budget:5.3f} {name:40s} overall {ppl['overall']:8.3f}  kept {list(plan.kept_counts.values())}",
                   flush=True)

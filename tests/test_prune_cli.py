@@ -214,7 +214,11 @@ def test_default_command_selects_and_compensates(tiny_checkpoint, calib_files, t
     plan = PrunePlan.load(out)
     assert plan.settings["allocation"] == "auto" and plan.removed_total == 18
     assert len(plan.settings["candidates"]) == 12
-    assert "compensation_rejected" in plan.settings or plan.layer_scales is not None
+    assert plan.settings["compensation_decided"]
+    assert all("loss" in c and "loss_layer_scale" in c for c in plan.settings["candidates"])
+    best = min(min(c["loss"], c["loss_layer_scale"]) for c in plan.settings["candidates"])
+    assert plan.settings["selected"]["loss"] == best
+    assert (plan.layer_scales is not None) == plan.settings["selected"]["layer_scale"]
     original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
