@@ -113,9 +113,10 @@ def make_calibration_split(
     tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int,
     selection_samples: int,
 ) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
-    """Calibration batches as in ``make_batches``, plus up to ``selection_samples`` windows [n, seq_len]
-    that the calibration does not use (for scoring candidate plans). Selection windows come only from
-    text left over after the calibration windows were drawn, so they never change the calibration."""
+    """Calibration batches as in ``make_batches``, plus ``selection_samples`` windows [n, seq_len] that the
+    calibration does not use (for scoring candidate plans). Selection windows come from text left over
+    after the calibration windows were drawn; only when a source has too little left are some of its
+    drawn windows held out of the calibration instead (it keeps at least one)."""
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
     gen = torch.Generator().manual_seed(seed)
@@ -133,8 +134,12 @@ def make_calibration_split(
         if available < wanted:
             log.warning("calibration source %r gives %d windows of %d tokens, not %d", source.name, available, seq_len, wanted)
         order = torch.randperm(available, generator=gen)
-        chosen = order[:wanted].sort().values.tolist()
-        held = order[wanted : wanted + wanted_sel].sort().values.tolist()
+        chosen, held = order[:wanted], order[wanted : wanted + wanted_sel]
+        short = wanted_sel - len(held)
+        if short > 0 and len(chosen) > 1:  # too little text left over: hold out some of the drawn windows instead
+            take = min(short, len(chosen) - 1)
+            chosen, held = chosen[:-take], torch.cat([held, chosen[-take:]])
+        chosen, held = chosen.sort().values.tolist(), held.sort().values.tolist()
         selection.extend(stream[i * seq_len : (i + 1) * seq_len] for i in held)
         if not chosen:
             continue

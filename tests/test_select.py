@@ -70,3 +70,15 @@ def test_prune_model_api_with_auto():
                                progress=False)
     assert plan.removed_total == 9 and plan.settings["allocation"] == "auto"
     assert pruned(input_ids=ids).logits.shape[-1] == 97
+
+
+def test_selection_windows_are_carved_from_calibration_when_text_is_short():
+    import random
+
+    rng = random.Random(9)
+    short = [CalibrationSource("s", ["".join(rng.choice("abc ") for _ in range(10 * 32))])]  # 10 windows in all
+    batches, selection = make_calibration_split(CharTokenizer(), short, samples=10, seq_len=32, batch_size=4, seed=0,
+                                                selection_samples=3)
+    calib = [tuple(row.tolist()) for _, b in batches for row in b]
+    assert len(calib) == 7 and len(selection) == 3
+    assert not set(calib) & {tuple(row.tolist()) for row in selection}
