@@ -17,12 +17,11 @@ import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from fair_moe.errors import FairMoeError
+from fair_moe.errors import FairMoeError, run_command
 
 log = logging.getLogger("fair_moe")
 
@@ -151,14 +150,7 @@ def recovery_markdown(pruned: dict, base: dict, rec: dict, threshold: float | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except FairMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, build_parser().parse_args(argv))
 
 
 def run(args) -> None:

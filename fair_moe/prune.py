@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from fair_moe.calibration import (
     sources_from_dataset,
     sources_from_files,
 )
-from fair_moe.errors import FairMoeError
+from fair_moe.errors import FairMoeError, run_command
 from fair_moe.pipeline import (
     ALLOCATIONS,
     PROTECTIONS,
@@ -118,16 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.list_models:
         print("\n".join(supported_model_types()))
         return 0
-    try:
-        run(args)
-    except FairMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, args)
 
 
 def parse_budgets(text: str | None) -> list[float | None]:

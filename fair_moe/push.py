@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from fair_moe.errors import FairMoeError
+from fair_moe.errors import FairMoeError, run_command
 from fair_moe.plan import PLAN_FILE, PrunePlan
 
 
@@ -75,13 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.add_argument("--results", type=Path, help="results JSON from python -m fair_moe.eval, shown in the card")
-    args = p.parse_args(argv)
-    try:
-        print(f"pushed to {push(args.folder, args.repo_id, args.private, args.results)}")
-    except FairMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda a: print(f"pushed to {push(a.folder, a.repo_id, a.private, a.results)}"),
+                       p.parse_args(argv))
 
 
 if __name__ == "__main__":
