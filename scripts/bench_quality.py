@@ -66,6 +66,25 @@ def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int) ->
     return result
 
 
+def harness_metrics(model_dir: str, tasks: list[str], include_path: Path | None, limit: float | None) -> dict:
+    """lm-eval metrics of a checkpoint folder through fair_moe.eval (the same code users run)."""
+    import argparse as ap
+
+    from fair_moe.eval import evaluate, resolve_tasks
+
+    args = ap.Namespace(device="cpu", dtype="float32", num_fewshot=None, batch_size="8", limit=limit, seed=0,
+                        ppl_file=[], ppl_seq_len=512)
+    return evaluate(model_dir, tasks, resolve_tasks(tasks, include_path), args)
+
+
+def write_pruned(model, plan, folder: Path, tokenizer) -> None:
+    import copy
+
+    from fair_moe.rewrite import apply_plan, save_pruned
+
+    save_pruned(apply_plan(copy.deepcopy(model), plan), folder, tokenizer=tokenizer)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEMO_MODEL_DIR))
@@ -78,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two benchmarks share 2 cores)")
     p.add_argument("--only-auto", action="store_true", help="only the auto rows (the default command and auto alone)")
+    p.add_argument("--eval-tasks", help="also score every configuration with these lm-eval tasks through fair_moe.eval "
+                   "(e.g. fair_moe_heldout_mc with --include-path eval/tasks); adds recovery columns")
+    p.add_argument("--include-path", type=Path, default=ROOT / "eval" / "tasks")
+    p.add_argument("--eval-limit", type=float)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -92,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
 
     rows = [("dense", "-", None, heldout_perplexity(model, streams, args.seq_len))]
+    tasks = [t for t in (args.eval_tasks or "").split(",") if t]
+    if tasks:
+        dense_metrics = harness_metrics(args.model, tasks, args.include_path, args.eval_limit)
+        rows[0][3].update({k: 1.0 for k in dense_metrics})
     for budget in budgets:
         for allocation, removal, comp in [c for c in CONFIGS if c[0] == "auto" or not args.only_auto]:
             if removal not in scores.removal and removal != "-":
@@ -113,11 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                 name = "**default** " + name
             elif allocation == "auto":
                 name += " (no compensation)"
+            if args.eval_tasks:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_pruned(model, plan, Path(tmp), tokenizer)
+                    metrics = harness_metrics(tmp, tasks, args.include_path, args.eval_limit)
+                ppl.update({k: v / dense_metrics[k] for k, v in metrics.items() if dense_metrics.get(k)})
             rows.append((name, budget, plan, ppl))
             print(f"{budget:5.3f} {name:40s} overall {ppl['overall']:8.3f}  kept {list(plan.kept_counts.values())}",
                   flush=True)
 
-    domains = [*streams, "overall"]
+    domains = [*streams, "overall"] + [k for k in rows[0][3] if "/" in k]
     lines = [
         f"Model `{Path(args.model).name}`, calibration {scores.meta['calibration']['samples']} × {args.seq_len} tokens "
         f"({', '.join(s.name for s in sources)}), held-out perplexity (lower is better); {time.time() - t0:.0f} s.",
