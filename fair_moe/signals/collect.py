@@ -108,7 +108,9 @@ class SignalCollector:
             final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
             acc.update(experts, collector.current_class, weights, outputs)
             if collector.track_taylor and outputs.requires_grad:
-                outputs.register_hook(_taylor_hook(acc, experts, outputs))
+                # The hook holds a detached view, not ``outputs`` itself: a tensor whose own hook refers back
+                # to it forms a reference cycle that keeps every batch's autograd graph alive until gc runs.
+                outputs.register_hook(_taylor_hook(acc, experts, outputs.detach()))
             return final
 
         experts.forward = types.MethodType(forward, experts)
@@ -165,8 +167,10 @@ def restore_forward(module: nn.Module, previous) -> None:
 
 
 def _taylor_hook(acc: LayerAccumulator, experts: torch.Tensor, outputs: torch.Tensor):
+    held = [outputs]  # released once used, so a graph kept alive elsewhere does not pin the activations
+
     def hook(grad: torch.Tensor) -> None:
-        acc.add_taylor(experts, grad, outputs)
+        acc.add_taylor(experts, grad, held.pop())
 
     return hook
 
@@ -211,7 +215,8 @@ def run_calibration(
             collector.class_tokens[klass] += input_ids.numel()
             tokens += input_ids.numel()
             input_ids = input_ids.to(device)
-            out = model(input_ids=input_ids, labels=input_ids, use_cache=False, output_router_logits=False)
-            out.loss.backward()
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False, output_router_logits=False).loss
+            loss.backward()
+            del loss  # the output object would keep this batch's graph (and logits) alive into the next one
     removal, protection = collector.result(seed)
     return removal, protection, tokens

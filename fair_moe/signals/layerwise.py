@@ -83,6 +83,7 @@ def run_calibration_layerwise(
                     out = model(input_ids=input_ids, labels=input_ids, use_cache=False, output_router_logits=False)
             out.loss.backward()
             grad = head["output"].grad
+            del out
             with collector.instrument():
                 for layer, (args, kwargs) in zip(reversed(decoder_layers), reversed(inputs), strict=True):
                     hidden_in = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)

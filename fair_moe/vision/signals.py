@@ -48,13 +48,15 @@ class NeuronRecorder:
             for klass in self.labels.unique().tolist():
                 self.activations[n][klass].append(act[self.labels == klass])
             if z.requires_grad:
-                z.register_hook(self._taylor(n, z))
+                z.register_hook(self._taylor(n, z.detach()))  # a detached view: no tensor → hook → tensor cycle
 
         return hook
 
     def _taylor(self, n: int, z):
+        held = [z]  # released once used
+
         def hook(grad) -> None:  # returns None: the gradient itself is left untouched
-            self.taylor[n] += (grad.double() * z.detach().double()).sum(dim=(0, 1)).cpu()
+            self.taylor[n] += (grad.double() * held.pop().double()).sum(dim=(0, 1)).cpu()
 
         return hook
 
@@ -71,8 +73,9 @@ def vision_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
         with activation_gradients_only(model), recorder.attached():
             for pixels, labels in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 recorder.labels = labels
-                out = model(pixel_values=pixels.to(device), labels=labels.to(device))
-                out.loss.backward()
+                loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
+                loss.backward()
+                del loss
     finally:
         handle.remove()
     wasserstein = []
