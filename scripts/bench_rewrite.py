@@ -58,13 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--inter", type=int, default=384)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--make", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.make:
+        make_checkpoint(Path(args.make), args.layers, args.experts, args.hidden, args.inter)
+        return 0
     if args.child:
         print(json.dumps(child(*args.child, args.layers, args.experts)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "src", Path(tmp) / "out"
-        make_checkpoint(source, args.layers, args.experts, args.hidden, args.inter)
+        # Built in its own process: Linux carries the RSS high-water mark across fork + exec, so a parent
+        # that held the model would inflate the measuring child's ru_maxrss.
+        shape = ["--layers", str(args.layers), "--experts", str(args.experts), "--hidden", str(args.hidden),
+                 "--inter", str(args.inter)]
+        subprocess.run([sys.executable, __file__, "--make", str(source), *shape], check=True, capture_output=True)
         size = sum(f.stat().st_size for f in source.glob("*.safetensors"))
         cmd = [sys.executable, __file__, "--child", str(source), str(out), "--layers", str(args.layers),
                "--experts", str(args.experts)]
