@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             best_baseline[budget] = min(best_baseline.get(budget, math.inf), ppl["overall"])
     for name, budget, plan, ppl in rows:
         kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
-        mark = " (best baseline)" if plan is not None and ppl["overall"] == best_baseline.get(budget) else ""
+        baseline = name.split("+")[0] in BASELINES and "random" not in name and "layer-scale" not in name
+        mark = " (best baseline)" if baseline and plan is not None and ppl["overall"] == best_baseline.get(budget) else ""
         lines.append(f"| {budget} | {name}{mark} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
     table = "\n".join(lines)
     print(table)
