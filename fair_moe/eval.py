@@ -91,8 +91,8 @@ def run_lm_eval(model_name: str, tasks: list[str], manager, args, dtype: str, de
     metrics = {}
     for task, values in out["results"].items():
         for key, value in values.items():
-            if "stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
+            if "stderr" in key or key.startswith("sample") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # uncertainty and bookkeeping entries, not metrics
             metrics[f"{task}/{key.split(',')[0]}"] = float(value)
     return metrics
 

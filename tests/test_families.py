@@ -132,3 +132,15 @@ def test_round_trip_equals_masked_original(family, kind, tmp_path):
     if stock:
         assert type(reloaded) is type(model)  # stock class, no remote code
     assert (_logits(reloaded) - reference).abs().max().item() < 1e-4
+
+
+def test_grouped_budget_that_empties_groups_is_refused(family):
+    """3 groups of 4 that must keep ≥ 2 each (top-2 group scores): at most 6 of 12 can go."""
+    name, model, scores = family
+    adapter = get_adapter(model.config)
+    if adapter.num_groups(model.config) == 1:
+        pytest.skip("no group-limited routing")
+    from fair_moe.errors import FairMoeError
+
+    with pytest.raises(FairMoeError, match="groups"):
+        make_plan(scores, PlanSettings(budget=0.75, allocation="uniform"))
