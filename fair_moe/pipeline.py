@@ -228,12 +228,12 @@ def compensate(model: nn.Module, plan: PrunePlan, scores: Scores, kind: str, bat
         raise FairMoeError(f"--compensate {kind!r} is unknown: use one of auto, {', '.join(COMPENSATIONS)}")
     if kind == "none" or plan.settings.get("compensation_decided"):
         return plan
-    ids = scores.calibration_ids
-    if ids is None or len(ids) == 0:
+    ids = scores.calibration_subset(64)
+    if ids is None:
         raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
                            "calibrate again or pass --compensate none")
-    scales = fit_layer_scales(model, plan.kept_experts, ids[:64], batch_size)
-    record = {"kind": "layer-scale", "scales": scales, "fit_windows": int(min(len(ids), 64))}
+    scales = fit_layer_scales(model, plan.kept_experts, ids, batch_size)
+    record = {"kind": "layer-scale", "scales": scales, "fit_windows": len(ids)}
     if kind == "auto":
         from fair_moe.masking import masked_experts
         from fair_moe.select import mean_loss

@@ -33,6 +33,16 @@ class Scores:
     selection_ids: torch.Tensor | None = None  # [n, seq] calibration-source windows not used for the scores
     calibration_ids: torch.Tensor | None = None  # [n, seq] the windows the scores were computed from
 
+    def calibration_subset(self, n: int) -> torch.Tensor | None:
+        """Up to ``n`` calibration windows spread evenly over all of them (they are stored source by source,
+        so the first n would all come from one source)."""
+        ids = self.calibration_ids
+        if ids is None or len(ids) == 0:
+            return None
+        if len(ids) <= n:
+            return ids
+        return ids[torch.linspace(0, len(ids) - 1, n).round().long()]
+
     def check_finite(self) -> None:
         for name, tensor in [*self.removal.items(), ("taylor", self.protection)]:
             if not torch.isfinite(tensor).all():

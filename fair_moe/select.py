@@ -58,7 +58,7 @@ def select_plan(model: nn.Module, scores: Scores, settings, base_model: str | No
     if ids is None or len(ids) == 0:
         raise FairMoeError("--allocation auto needs calibration text the scores did not use, and none was left: "
                            "pass more calibration text, lower --samples, or pick --allocation tod|uniform|global")
-    fit_ids = scores.calibration_ids[:FIT_WINDOWS] if scores.calibration_ids is not None else None
+    fit_ids = scores.calibration_subset(FIT_WINDOWS)
     use_scales = compensation != "none" and fit_ids is not None and len(fit_ids) > 0
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}

@@ -82,3 +82,11 @@ def test_selection_windows_are_carved_from_calibration_when_text_is_short():
     calib = [tuple(row.tolist()) for _, b in batches for row in b]
     assert len(calib) == 7 and len(selection) == 3
     assert not set(calib) & {tuple(row.tolist()) for row in selection}
+
+
+def test_fit_windows_come_from_every_source(model_and_scores):
+    _, scores = model_and_scores
+    subset = scores.calibration_subset(4)
+    first, last = scores.calibration_ids[0], scores.calibration_ids[-1]
+    assert len(subset) == 4
+    assert torch.equal(subset[0], first) and torch.equal(subset[-1], last)  # both ends: both sources
