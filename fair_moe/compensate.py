@@ -22,7 +22,8 @@ from fair_moe.masking import masked_experts
 from fair_moe.signals.collect import restore_forward
 from fair_moe.signals.layerwise import execution_device
 
-COMPENSATIONS = ("none", "layer-scale")
+COMPENSATIONS = ("none", "layer-scale", "router-temperature")
+TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 
 
 @torch.no_grad()
@@ -59,6 +60,57 @@ def _recording(layer, acc: list[float]):
         yield
     finally:
         restore_forward(experts, previous)
+
+
+@torch.no_grad()
+def fit_router_temperatures(model: nn.Module, kept: dict[int, list[int]], input_ids: torch.Tensor,
+                            batch_size: int = 4, grid: tuple[float, ...] = TEMPERATURES) -> dict[int, float]:
+    """Per layer, the router temperature t (logits × t) from ``grid`` whose pruned routed output is closest
+    (Σ‖y − ŷ_t‖²) to the original routing's output on the same inputs [ours; router re-calibration that
+    folds into the router weights]. A layer that keeps every expert gets t = 1 (its error is 0 there)."""
+    adapter = get_adapter(model.config)
+    layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
+    errors = {layer.index: torch.zeros(len(grid), dtype=torch.float64) for layer in layers}
+    device = execution_device(model)
+    with masked_experts(model, kept, keep_unmasked=True), contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(_temperature_recording(adapter, layer, errors[layer.index], grid))
+        for i in range(0, len(input_ids), batch_size):
+            model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+    return {index: float(grid[int(torch.argmin(err))]) for index, err in errors.items()}
+
+
+@contextlib.contextmanager
+def _temperature_recording(adapter, layer, errors: torch.Tensor, grid: tuple[float, ...]):
+    experts, router = layer.experts, layer.router
+    original = experts.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        pruned = original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        weights, ids = router.fair_moe_unmasked
+        full = original(hidden_states, ids, weights.to(top_k_weights.dtype), *args, **kwargs).double()
+        logits, removed = router.fair_moe_logits
+        for n, t in enumerate(grid):
+            w, i = adapter.route(router, logits * t, removed)
+            errors[n] += ((full - original(hidden_states, i, w.to(top_k_weights.dtype), *args, **kwargs).double()) ** 2).sum().item()
+        return pruned
+
+    previous = experts.__dict__.get("forward")
+    experts.forward = types.MethodType(forward, experts)
+    try:
+        yield
+    finally:
+        restore_forward(experts, previous)
+
+
+@torch.no_grad()
+def fold_router_temperatures(model: nn.Module, temperatures: dict[int, float]) -> None:
+    """Multiply layer l's router weight (and router bias, not a selection bias) by temperatures[l]."""
+    for layer in get_adapter(model.config).moe_layers(model):
+        if layer.index in temperatures:
+            for name, tensor in layer.router.named_parameters(recurse=False):
+                if name in ("weight", "bias"):
+                    tensor.mul_(temperatures[layer.index])
 
 
 @torch.no_grad()

@@ -20,12 +20,15 @@ from fair_moe.adapters import get_adapter
 
 @contextlib.contextmanager
 def masked_experts(
-    model: nn.Module, kept: dict[int, list[int]], scales: dict[int, float] | None = None, keep_unmasked: bool = False
+    model: nn.Module, kept: dict[int, list[int]], scales: dict[int, float] | None = None, keep_unmasked: bool = False,
+    temperatures: dict[int, float] | None = None,
 ) -> Iterator[None]:
     """Make every expert not in ``kept[layer index]`` unreachable for the duration of the block.
 
-    ``keep_unmasked`` leaves the router's own (unmasked) top-k weights and ids on
-    ``router.fair_moe_unmasked`` after each call, for fitting compensations.
+    ``temperatures`` multiplies a layer's router logits (the reference for a router-temperature
+    compensation folded into the router weights). ``keep_unmasked`` leaves the router's own (unmasked)
+    top-k weights and ids on ``router.fair_moe_unmasked`` and its logits on ``router.fair_moe_logits``
+    after each call, for fitting compensations.
     """
     adapter = get_adapter(model.config)
     handles = []
@@ -35,7 +38,8 @@ def masked_experts(
                 continue
             removed = torch.ones(layer.num_experts, dtype=torch.bool)
             removed[list(kept[layer.index])] = False
-            handles.append(layer.router.register_forward_hook(_mask_hook(adapter, removed, keep_unmasked)))
+            temperature = (temperatures or {}).get(layer.index)
+            handles.append(layer.router.register_forward_hook(_mask_hook(adapter, removed, keep_unmasked, temperature)))
             if scales and layer.index in scales:
                 handles.append(layer.experts.register_forward_hook(_scale_hook(scales[layer.index])))
         yield
@@ -44,13 +48,17 @@ def masked_experts(
             handle.remove()
         for layer in adapter.moe_layers(model):
             layer.router.__dict__.pop("fair_moe_unmasked", None)
+            layer.router.__dict__.pop("fair_moe_logits", None)
 
 
-def _mask_hook(adapter, removed: torch.Tensor, keep_unmasked: bool):
+def _mask_hook(adapter, removed: torch.Tensor, keep_unmasked: bool, temperature: float | None = None):
     def hook(router, args, output):
         logits = adapter.router_logits(output)
         if keep_unmasked:
             router.fair_moe_unmasked = adapter.route(router, logits, None)
+            router.fair_moe_logits = (logits, removed)
+        if temperature is not None:
+            logits = logits * temperature
         weights, ids = adapter.route(router, logits, removed)
         return adapter.replace_router_output(output, logits, weights, ids)
 

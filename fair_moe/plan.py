@@ -36,6 +36,12 @@ class PrunePlan:
         return {int(k): float(v) for k, v in self.compensation["scales"].items()}
 
     @property
+    def router_temperatures(self) -> dict[int, float] | None:
+        if not self.compensation or self.compensation.get("kind") != "router-temperature":
+            return None
+        return {int(k): float(v) for k, v in self.compensation["temperatures"].items()}
+
+    @property
     def kept_counts(self) -> dict[int, int]:
         return {layer: len(ids) for layer, ids in sorted(self.kept_experts.items())}
 
@@ -53,9 +59,12 @@ class PrunePlan:
         data = asdict(self)
         kept = data.pop("kept_experts")
         data[f"kept_{self.unit}"] = {str(k): sorted(v) for k, v in sorted(kept.items())}
-        if self.compensation:
+        if self.layer_scales:
             data["compensation"] = {**self.compensation,
                                     "scales": {str(k): v for k, v in sorted(self.layer_scales.items())}}
+        if self.router_temperatures:
+            data["compensation"] = {**self.compensation,
+                                    "temperatures": {str(k): v for k, v in sorted(self.router_temperatures.items())}}
         data["kept_counts"] = {str(k): v for k, v in self.kept_counts.items()}
         data["removed_total"] = self.removed_total
         data["fair_moe_version"] = __version__

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="removal signal for tod / uniform / global (default reap for MoE, wasserstein for vision; "
                         "auto tries every signal but random)")
     m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
-    m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "auto"],
+    m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "router-temperature", "auto"],
                    help="fold a least-squares output scale per MoE layer into the kept experts (auto: only if it "
                         "lowers the loss on held-out calibration windows)")
 
@@ -245,6 +245,9 @@ def print_plan(plan: PrunePlan) -> None:
     if plan.layer_scales:
         print("  layer scales (folded into kept experts): "
               + ", ".join(f"{k}: {v:.4f}" for k, v in plan.layer_scales.items()))
+    if plan.router_temperatures:
+        print("  router temperatures (folded into router weights): "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in plan.router_temperatures.items()))
 
 
 def run(args) -> None:
@@ -441,7 +444,8 @@ def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder
     probe = None
     if verify:
         probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
+        with torch.no_grad(), masked_experts(model, plan.kept_experts, scales=plan.layer_scales,
+                                             temperatures=plan.router_temperatures):
             reference = model(input_ids=probe.to(execution_device(model)), use_cache=False).logits.float().cpu()
     compute_dtype = next(model.parameters()).dtype
 

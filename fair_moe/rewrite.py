@@ -86,6 +86,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         from fair_moe.compensate import fold_layer_scales
 
         fold_layer_scales(model, plan.layer_scales)
+    if plan.router_temperatures:
+        from fair_moe.compensate import fold_router_temperatures
+
+        fold_router_temperatures(model, plan.router_temperatures)
     for attr in adapter.count_attributes:
         if isinstance(getattr(model, attr, None), int):
             setattr(model, attr, max(plan.kept_counts.values()))

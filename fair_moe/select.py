@@ -59,7 +59,7 @@ def select_plan(model: nn.Module, scores: Scores, settings, base_model: str | No
         raise FairMoeError("--allocation auto needs calibration text the scores did not use, and none was left: "
                            "pass more calibration text, lower --samples, or pick --allocation tod|uniform|global")
     fit_ids = scores.calibration_subset(FIT_WINDOWS)
-    use_scales = compensation != "none" and fit_ids is not None and len(fit_ids) > 0
+    use_scales = compensation in ("auto", "layer-scale") and fit_ids is not None and len(fit_ids) > 0
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}
     combos = [(a, r) for a in CANDIDATE_ALLOCATIONS for r in CANDIDATE_SIGNALS if r in scores.removal]
@@ -94,7 +94,7 @@ def select_plan(model: nn.Module, scores: Scores, settings, base_model: str | No
                      "layer_scale": scaled, "loss": best_loss},
         "selection": {"windows": len(ids), "tokens": int(ids[:, 1:].numel()),
                       "dense_loss": mean_loss(model, ids, batch_size)},
-        "compensation_decided": compensation != "none",
+        "compensation_decided": use_scales,
         "candidates": [
             {"allocation": r["plan"].settings["allocation"], "removal": r["plan"].settings["removal"],
              "alpha": r["plan"].alpha, **{k: r[k] for k in ("loss", "loss_layer_scale") if k in r},

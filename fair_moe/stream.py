@@ -66,6 +66,7 @@ class KeyRewriter:
         self.kept = {layer: sorted(ids) for layer, ids in plan.kept_experts.items()}
         self.new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in self.kept.items()}
         self.scales = plan.layer_scales or {}
+        self.temperatures = plan.router_temperatures or {}
         self.routers_seen: dict[int, int] = defaultdict(int)
         self.experts_seen: dict[int, set[int]] = defaultdict(set)
         self.fused_seen: dict[int, int] = defaultdict(int)
@@ -96,7 +97,9 @@ class KeyRewriter:
             tensor = tensor_fn()
             if tensor.shape[0] == self.plan.num_experts:
                 self.routers_seen[layer] += 1
-                return key, tensor.index_select(0, torch.tensor(self.kept[layer]))
+                tensor = tensor.index_select(0, torch.tensor(self.kept[layer]))
+                if layer in self.temperatures and not key.endswith("e_score_correction_bias"):
+                    tensor = (tensor.float() * self.temperatures[layer]).to(tensor.dtype)
             return key, tensor
         return key, tensor_fn()
 

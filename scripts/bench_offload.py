@@ -1,6 +1,6 @@
 """Calibration of a model that does not fit in the memory it is given: accelerate disk offload + layer-wise recomputation.
 
-    python scripts/bench_offload.py                       # 16 layers × 64 experts, fp32 (~0.9 GB), 128 MB allowed
+    python scripts/bench_offload.py                       # 16 layers × 64 experts, fp32 (~2.4 GB), 128 MB allowed
     python scripts/bench_offload.py --max-memory 256MB
 
 A random qwen2_moe checkpoint is written once (in its own process); then a fresh process loads it with
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make(folder: Path) -> None:
+def make(folder: Path, inter: int) -> None:
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
-    config = Qwen2MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=192,
+    config = Qwen2MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=inter,
                             shared_expert_intermediate_size=256, num_hidden_layers=16, num_attention_heads=4,
                             num_key_value_heads=2, num_experts=64, num_experts_per_tok=8, max_position_embeddings=1024)
     torch.manual_seed(0)
@@ -101,18 +101,20 @@ def measure(folder: Path, mode: str, limit: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-memory", default="128MB")
+    p.add_argument("--inter", type=int, default=768, help="expert intermediate size (768: about 2.4 GB of fp32 weights)")
     p.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.make:
-        make(args.make)
+        make(args.make, args.inter)
         return 0
     if args.child:
         print(json.dumps(measure(Path(args.child[0]), args.child[1], args.max_memory, Path(args.child[2]))))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        subprocess.run([sys.executable, __file__, "--make", str(folder)], check=True, capture_output=True)
+        subprocess.run([sys.executable, __file__, "--make", str(folder), "--inter", str(args.inter)], check=True,
+                       capture_output=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         rows = []
         for mode in ("offload", "memory"):

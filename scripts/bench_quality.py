@@ -49,6 +49,8 @@ CONFIGS = [
     ("tod", "wasserstein", "none"),
     ("tod", "reap", "layer-scale"),
     ("uniform", "ean", "layer-scale"),
+    ("uniform", "ean", "router-temperature"),
+    ("tod", "wasserstein", "router-temperature"),
     ("auto", "-", "none"),
     ("auto", "-", "auto"),  # the default command
 ]
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two benchmarks share 2 cores)")
     p.add_argument("--only-auto", action="store_true", help="only the auto rows (the default command and auto alone)")
+    p.add_argument("--only-compensation", help="only the rows with this compensation (e.g. router-temperature)")
     p.add_argument("--eval-tasks", help="also score every configuration with these lm-eval tasks through fair_moe.eval "
                    "(e.g. fair_moe_heldout_mc with --include-path eval/tasks); adds recovery columns")
     p.add_argument("--include-path", type=Path, default=ROOT / "eval" / "tasks")
@@ -120,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         dense_metrics = harness_metrics(args.model, tasks, args.include_path, args.eval_limit)
         rows[0][3].update({k: 1.0 for k in dense_metrics})
     for budget in budgets:
-        for allocation, removal, comp in [c for c in CONFIGS if c[0] == "auto" or not args.only_auto]:
+        selected = [c for c in CONFIGS if (c[0] == "auto" or not args.only_auto)
+                    and (args.only_compensation is None or c[2] == args.only_compensation)]
+        for allocation, removal, comp in selected:
             if removal not in scores.removal and removal != "-":
                 continue
             settings = PlanSettings(budget=budget, allocation=allocation, removal=removal if removal != "-" else "reap")
@@ -129,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 plan = make_plan(scores, settings)
             plan = compensate(model, plan, scores, comp)
-            with masked_experts(model, plan.kept_experts, scales=plan.layer_scales):
+            with masked_experts(model, plan.kept_experts, scales=plan.layer_scales, temperatures=plan.router_temperatures):
                 ppl = heldout_perplexity(model, streams, args.seq_len)
             if allocation == "auto":
                 chosen = plan.settings["selected"]
                 name = f"auto → {chosen['allocation']}+{chosen['removal']}" + (" +layer-scale" if plan.layer_scales else "")
             else:
-                name = f"{allocation}+{removal}" + (" +layer-scale" if plan.layer_scales else "")
+                name = f"{allocation}+{removal}" + (" +layer-scale" if plan.layer_scales else "") + (
+                    " +router-temperature" if plan.router_temperatures else "")
             if allocation == "auto" and comp == "auto":
                 name = "**default** " + name
             elif allocation == "auto":
@@ -161,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     best_baseline = {}
     for name, budget, plan, ppl in rows:
-        if plan is not None and name.split("+")[0] in BASELINES and "random" not in name and "layer-scale" not in name:
+        if plan is not None and name.split("+")[0] in BASELINES and "random" not in name and name.count("+") == 1:
             best_baseline[budget] = min(best_baseline.get(budget, math.inf), ppl["overall"])
     for name, budget, plan, ppl in rows:
         kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
-        baseline = name.split("+")[0] in BASELINES and "random" not in name and "layer-scale" not in name
+        baseline = name.split("+")[0] in BASELINES and "random" not in name and name.count("+") == 1
         mark = " (best baseline)" if baseline and plan is not None and ppl["overall"] == best_baseline.get(budget) else ""
         lines.append(f"| {budget} | {name}{mark} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
     table = "\n".join(lines)

@@ -251,3 +251,12 @@ def test_offloaded_run_gives_the_in_memory_plan(tiny_checkpoint, calib_files, tm
     a = Scores.load(tmp_path / "memory")
     b = Scores.load(tmp_path / "offload")
     torch.testing.assert_close(a.protection, b.protection, rtol=1e-4, atol=1e-9)
+
+
+def test_router_temperature_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path):
+    out = tmp_path / "temperature"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "router-temperature", "--scores", pruned_tod, "--quiet") == 0  # verified on write
+    plan = PrunePlan.load(out)
+    assert plan.router_temperatures is not None and set(plan.router_temperatures) == {0, 1, 2}
+    assert plan.layer_scales is None
