@@ -22,7 +22,7 @@ from fair_moe.masking import masked_experts
 from fair_moe.signals.collect import restore_forward
 from fair_moe.signals.layerwise import execution_device
 
-COMPENSATIONS = ("none", "layer-scale", "router-temperature")
+COMPENSATIONS = ("none", "layer-scale", "router-temperature", "merge")
 TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 
 
@@ -122,3 +122,88 @@ def fold_layer_scales(model: nn.Module, scales: dict[int, float]) -> None:
         for name, tensor in layer.experts.named_parameters(recurse=False):
             if name.startswith("down_proj"):
                 tensor.mul_(scales[layer.index])
+
+
+@torch.no_grad()
+def fit_merges(model: nn.Module, kept: dict[int, list[int]], input_ids: torch.Tensor, batch_size: int = 4) -> dict:
+    """Which kept expert each removed expert merges into, and with what weights [ours, after HC-SMoE].
+
+    One pass of the original model collects every expert's mean output over the tokens routed to it
+    and how many there were; a removed expert merges into the kept expert whose mean output is most
+    similar (cosine), and a kept expert's tensors become the routed-token-weighted average of its own
+    and its merged experts' tensors. Experts no token reached merge nowhere.
+    Returns {layer: {kept id: [[expert id, weight], ...] (its own id first)}}.
+    """
+    adapter = get_adapter(model.config)
+    layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
+    sums = {layer.index: [torch.zeros(layer.num_experts, dtype=torch.float64), None] for layer in layers}
+    device = execution_device(model)
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(_mean_outputs(layer, sums[layer.index]))
+        for i in range(0, len(input_ids), batch_size):
+            model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+    merges = {}
+    for layer in layers:
+        counts, total = sums[layer.index]
+        keep = list(kept[layer.index])
+        groups = {k: [[k, float(counts[k])]] for k in keep}
+        if total is not None:
+            means = torch.nn.functional.normalize(total / counts.clamp_min(1)[:, None], dim=-1)
+            live_kept = [k for k in keep if counts[k] > 0]
+            for e in sorted(set(range(layer.num_experts)) - set(keep)):
+                if counts[e] > 0 and live_kept:
+                    target = max(live_kept, key=lambda k: (float(means[e] @ means[k]), -k))
+                    groups[target].append([e, float(counts[e])])
+        merges[layer.index] = {k: members for k, members in groups.items() if len(members) > 1}
+    return merges
+
+
+@contextlib.contextmanager
+def _mean_outputs(layer, acc: list):
+    """Accumulate per-expert routed-token counts and output sums [E, H] while the layer runs as usual."""
+    experts = layer.experts
+    original = experts.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        flat = top_k_index.reshape(-1)
+        valid = (flat >= 0) & (flat < layer.num_experts)
+        token = torch.arange(top_k_index.shape[0], device=flat.device).repeat_interleave(top_k_index.shape[1])[valid]
+        ids = flat[valid]
+        outputs = original(hidden_states[token], ids[:, None],
+                           torch.ones((len(ids), 1), dtype=top_k_weights.dtype, device=top_k_weights.device)).double().cpu()
+        if acc[1] is None:
+            acc[1] = torch.zeros(layer.num_experts, outputs.shape[-1], dtype=torch.float64)
+        acc[0].index_add_(0, ids.cpu(), torch.ones(len(ids), dtype=torch.float64))
+        acc[1].index_add_(0, ids.cpu(), outputs)
+        return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+
+    previous = experts.__dict__.get("forward")
+    experts.forward = types.MethodType(forward, experts)
+    try:
+        yield
+    finally:
+        restore_forward(experts, previous)
+
+
+@torch.no_grad()
+def fold_merges(model: nn.Module, merges: dict) -> None:
+    """Replace each receiving expert's tensors by the weighted average of its group (before slicing).
+
+    Idempotent per model: a second call on the same model does nothing.
+    """
+    if getattr(model, "_fair_moe_merged", False):
+        return
+    from fair_moe.rewrite import expert_tensor_names
+
+    for layer in get_adapter(model.config).moe_layers(model):
+        groups = merges.get(layer.index) or merges.get(str(layer.index)) or {}
+        for name in expert_tensor_names(layer.experts, layer.num_experts):
+            tensor = getattr(layer.experts, name)
+            for target, members in groups.items():
+                ids = torch.tensor([int(m[0]) for m in members])
+                weights = torch.tensor([float(m[1]) for m in members], dtype=torch.float64)
+                weights = weights / weights.sum()
+                mixed = (tensor[ids].double() * weights.view(-1, *[1] * (tensor.dim() - 1))).sum(0)
+                tensor[int(target)] = mixed.to(tensor.dtype)
+    model._fair_moe_merged = True

@@ -222,7 +222,7 @@ def compensate(model: nn.Module, plan: PrunePlan, scores: Scores, kind: str, bat
     """Fit the chosen compensation on the calibration windows and record it in the plan (weights untouched:
     ``apply_plan`` folds it in). ``auto`` keeps ``layer-scale`` only if it lowers the loss on the
     selection windows, which the fit never sees."""
-    from fair_moe.compensate import COMPENSATIONS, fit_layer_scales, fit_router_temperatures
+    from fair_moe.compensate import COMPENSATIONS, fit_layer_scales, fit_merges, fit_router_temperatures
 
     if kind not in (*COMPENSATIONS, "auto"):
         raise FairMoeError(f"--compensate {kind!r} is unknown: use one of auto, {', '.join(COMPENSATIONS)}")
@@ -232,6 +232,10 @@ def compensate(model: nn.Module, plan: PrunePlan, scores: Scores, kind: str, bat
     if ids is None:
         raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
                            "calibrate again or pass --compensate none")
+    if kind == "merge":
+        plan.compensation = {"kind": "merge", "merges": fit_merges(model, plan.kept_experts, ids, batch_size),
+                             "fit_windows": len(ids)}
+        return plan
     if kind == "router-temperature":
         temperatures = fit_router_temperatures(model, plan.kept_experts, ids, batch_size)
         plan.compensation = {"kind": "router-temperature", "temperatures": temperatures, "fit_windows": len(ids)}

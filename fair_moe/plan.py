@@ -36,6 +36,12 @@ class PrunePlan:
         return {int(k): float(v) for k, v in self.compensation["scales"].items()}
 
     @property
+    def merges(self) -> dict[int, dict[int, list]] | None:
+        if not self.compensation or self.compensation.get("kind") != "merge":
+            return None
+        return {int(layer): {int(k): v for k, v in groups.items()} for layer, groups in self.compensation["merges"].items()}
+
+    @property
     def router_temperatures(self) -> dict[int, float] | None:
         if not self.compensation or self.compensation.get("kind") != "router-temperature":
             return None
@@ -62,6 +68,9 @@ class PrunePlan:
         if self.layer_scales:
             data["compensation"] = {**self.compensation,
                                     "scales": {str(k): v for k, v in sorted(self.layer_scales.items())}}
+        if self.merges is not None:
+            data["compensation"] = {**self.compensation, "merges": {
+                str(layer): {str(k): v for k, v in sorted(groups.items())} for layer, groups in sorted(self.merges.items())}}
         if self.router_temperatures:
             data["compensation"] = {**self.compensation,
                                     "temperatures": {str(k): v for k, v in sorted(self.router_temperatures.items())}}

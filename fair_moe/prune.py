@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="removal signal for tod / uniform / global (default reap for MoE, wasserstein for vision; "
                         "auto tries every signal but random)")
     m.add_argument("--protection", default="taylor", choices=PROTECTIONS)
-    m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "router-temperature", "auto"],
+    m.add_argument("--compensate", default="auto", choices=["none", "layer-scale", "router-temperature", "merge", "auto"],
                    help="fold a least-squares output scale per MoE layer into the kept experts (auto: only if it "
                         "lowers the loss on held-out calibration windows)")
 
@@ -323,7 +323,8 @@ def run(args) -> None:
     dense_ppl = [perplexity(model, tokenizer, [t], args.seq_len, progress=not args.quiet) for t in ppl_texts]
     save_dtype = checkpoint_dtype(config)
     verify = not args.no_verify
-    source = None if args.no_stream else streamable_source(args.model)
+    # merging averages experts across shards, which the streaming rewriter does not do: slice in memory
+    source = None if args.no_stream or args.compensate == "merge" else streamable_source(args.model)
     from fair_moe.rewrite import write_atomically
 
     if len(plans) == 1:
@@ -441,6 +442,10 @@ def write_pruned_files(model, tokenizer, plan: PrunePlan, scores: Scores, folder
     from fair_moe.rewrite import apply_plan, save_pruned, verify_expert_keys
 
     folder.mkdir(parents=True, exist_ok=True)
+    if plan.merges:
+        from fair_moe.compensate import fold_merges
+
+        fold_merges(model, plan.merges)  # the reference is the merged original; apply_plan will not fold again
     probe = None
     if verify:
         probe = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -67,6 +67,10 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Slice ``model`` in place to the plan and update its config. Returns the same model."""
     check_plan(model, plan)
+    if plan.merges:
+        from fair_moe.compensate import fold_merges
+
+        fold_merges(model, plan.merges)  # before slicing: merges name original expert ids
     adapter = get_adapter(model.config)
     original = adapter.num_experts(model.config)
     layout = _layout(adapter, model, original)

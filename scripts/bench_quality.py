@@ -51,6 +51,8 @@ CONFIGS = [
     ("uniform", "ean", "layer-scale"),
     ("uniform", "ean", "router-temperature"),
     ("tod", "wasserstein", "router-temperature"),
+    ("uniform", "ean", "merge"),
+    ("tod", "wasserstein", "merge"),
     ("auto", "-", "none"),
     ("auto", "-", "auto"),  # the default command
 ]
@@ -134,14 +136,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 plan = make_plan(scores, settings)
             plan = compensate(model, plan, scores, comp)
-            with masked_experts(model, plan.kept_experts, scales=plan.layer_scales, temperatures=plan.router_temperatures):
-                ppl = heldout_perplexity(model, streams, args.seq_len)
+            evaluated = model
+            if plan.merges:  # the merged original, masked: what the rewritten checkpoint equals
+                import copy
+
+                from fair_moe.compensate import fold_merges
+
+                evaluated = copy.deepcopy(model)
+                fold_merges(evaluated, plan.merges)
+            with masked_experts(evaluated, plan.kept_experts, scales=plan.layer_scales,
+                                temperatures=plan.router_temperatures):
+                ppl = heldout_perplexity(evaluated, streams, args.seq_len)
             if allocation == "auto":
                 chosen = plan.settings["selected"]
                 name = f"auto → {chosen['allocation']}+{chosen['removal']}" + (" +layer-scale" if plan.layer_scales else "")
             else:
                 name = f"{allocation}+{removal}" + (" +layer-scale" if plan.layer_scales else "") + (
-                    " +router-temperature" if plan.router_temperatures else "")
+                    " +router-temperature" if plan.router_temperatures else "") + (" +merge" if plan.merges else "")
             if allocation == "auto" and comp == "auto":
                 name = "**default** " + name
             elif allocation == "auto":

@@ -260,3 +260,12 @@ def test_router_temperature_from_the_command_line(tiny_checkpoint, pruned_tod, t
     plan = PrunePlan.load(out)
     assert plan.router_temperatures is not None and set(plan.router_temperatures) == {0, 1, 2}
     assert plan.layer_scales is None
+
+
+def test_merge_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path):
+    out = tmp_path / "merge"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--allocation", "tod",
+                   "--compensate", "merge", "--scores", pruned_tod, "--quiet") == 0  # each budget verified on write
+    for budget in ("0.25", "0.5"):
+        plan = PrunePlan.load(out / f"budget-{budget}")
+        assert plan.merges is not None and plan.layer_scales is None
