@@ -12,18 +12,24 @@ multiplied by s — the reference the tests hold it to. The plan records every s
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
 from torch import nn
 
 from fair_moe.adapters import get_adapter
 from fair_moe.masking import masked_experts
-from fair_moe.signals.collect import restore_forward
+from fair_moe.signals.collect import patched_forward
 from fair_moe.signals.layerwise import execution_device
 
 COMPENSATIONS = ("none", "layer-scale", "router-temperature", "merge")
 TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
+
+
+def _forward_all(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> None:
+    """Run the model over ``input_ids [n, seq]`` in batches, outputs discarded (the recorders keep what they need)."""
+    device = execution_device(model)
+    for i in range(0, len(input_ids), batch_size):
+        model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
 
 
 @torch.no_grad()
@@ -32,12 +38,10 @@ def fit_layer_scales(model: nn.Module, kept: dict[int, list[int]], input_ids: to
     adapter = get_adapter(model.config)
     layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
     sums = {layer.index: [0.0, 0.0] for layer in layers}  # Σ⟨y, ŷ⟩, Σ‖ŷ‖²
-    device = execution_device(model)
     with masked_experts(model, kept, keep_unmasked=True), contextlib.ExitStack() as stack:
         for layer in layers:
             stack.enter_context(_recording(layer, sums[layer.index]))
-        for i in range(0, len(input_ids), batch_size):
-            model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+        _forward_all(model, input_ids, batch_size)
     return {index: (xy / yy if yy > 0 else 1.0) for index, (xy, yy) in sums.items()}
 
 
@@ -54,12 +58,8 @@ def _recording(layer, acc: list[float]):
         acc[1] += (pruned.double() ** 2).sum().item()
         return pruned
 
-    previous = experts.__dict__.get("forward")
-    experts.forward = types.MethodType(forward, experts)
-    try:
+    with patched_forward(experts, forward):
         yield
-    finally:
-        restore_forward(experts, previous)
 
 
 @torch.no_grad()
@@ -71,12 +71,10 @@ def fit_router_temperatures(model: nn.Module, kept: dict[int, list[int]], input_
     adapter = get_adapter(model.config)
     layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
     errors = {layer.index: torch.zeros(len(grid), dtype=torch.float64) for layer in layers}
-    device = execution_device(model)
     with masked_experts(model, kept, keep_unmasked=True), contextlib.ExitStack() as stack:
         for layer in layers:
             stack.enter_context(_temperature_recording(adapter, layer, errors[layer.index], grid))
-        for i in range(0, len(input_ids), batch_size):
-            model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+        _forward_all(model, input_ids, batch_size)
     return {index: float(grid[int(torch.argmin(err))]) for index, err in errors.items()}
 
 
@@ -95,12 +93,8 @@ def _temperature_recording(adapter, layer, errors: torch.Tensor, grid: tuple[flo
             errors[n] += ((full - original(hidden_states, i, w.to(top_k_weights.dtype), *args, **kwargs).double()) ** 2).sum().item()
         return pruned
 
-    previous = experts.__dict__.get("forward")
-    experts.forward = types.MethodType(forward, experts)
-    try:
+    with patched_forward(experts, forward):
         yield
-    finally:
-        restore_forward(experts, previous)
 
 
 @torch.no_grad()
@@ -137,12 +131,10 @@ def fit_merges(model: nn.Module, kept: dict[int, list[int]], input_ids: torch.Te
     adapter = get_adapter(model.config)
     layers = [layer for layer in adapter.moe_layers(model) if layer.index in kept]
     sums = {layer.index: [torch.zeros(layer.num_experts, dtype=torch.float64), None] for layer in layers}
-    device = execution_device(model)
     with contextlib.ExitStack() as stack:
         for layer in layers:
             stack.enter_context(_mean_outputs(layer, sums[layer.index]))
-        for i in range(0, len(input_ids), batch_size):
-            model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+        _forward_all(model, input_ids, batch_size)
     merges = {}
     for layer in layers:
         counts, total = sums[layer.index]
@@ -178,12 +170,8 @@ def _mean_outputs(layer, acc: list):
         acc[1].index_add_(0, ids.cpu(), outputs)
         return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
 
-    previous = experts.__dict__.get("forward")
-    experts.forward = types.MethodType(forward, experts)
-    try:
+    with patched_forward(experts, forward):
         yield
-    finally:
-        restore_forward(experts, previous)
 
 
 @torch.no_grad()

@@ -72,19 +72,14 @@ class SignalCollector:
 
     @contextlib.contextmanager
     def instrument(self) -> Iterator[None]:
-        """Patch every experts module for the duration of the block; always restored."""
-        patched = []
-        try:
+        """Patch every experts module for the duration of the block; always restored (an instance-level
+        forward such as accelerate's offload hook comes back exactly as it was)."""
+        with contextlib.ExitStack() as stack:
             for layer, acc in zip(self.layers, self.acc, strict=True):
-                # An instance-level forward (accelerate's offload hook) must come back exactly as it was.
-                patched.append((layer.experts, layer.experts.__dict__.get("forward")))
-                self._patch(layer.experts, acc)
+                stack.enter_context(patched_forward(layer.experts, self._instrumented_forward(layer.experts, acc)))
             yield
-        finally:
-            for module, previous in patched:
-                restore_forward(module, previous)
 
-    def _patch(self, experts: nn.Module, acc: LayerAccumulator) -> None:
+    def _instrumented_forward(self, experts: nn.Module, acc: LayerAccumulator):
         original = experts.forward
         collector = self
 
@@ -113,7 +108,7 @@ class SignalCollector:
                 outputs.register_hook(_taylor_hook(acc, experts, outputs.detach()))
             return final
 
-        experts.forward = types.MethodType(forward, experts)
+        return forward
 
     def result(self, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Removal signals {name: [L, E]} and the Taylor protection [L, E], all float64."""
@@ -156,6 +151,17 @@ class SignalCollector:
 def execution_device(model: nn.Module) -> torch.device:
     """Where inputs go: the first parameter not offloaded to the meta device (accelerate), else the CPU."""
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def patched_forward(module: nn.Module, forward) -> Iterator[None]:
+    """Give ``module`` the instance-level ``forward(self, ...)`` for the block; what it had before comes back."""
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        restore_forward(module, previous)
 
 
 def restore_forward(module: nn.Module, previous) -> None:
