@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-file", type=Path, action="append", default=[], help=".txt or .jsonl; repeatable, one class each")
     c.add_argument("--calib-images", type=Path,
                    help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons)")
+    c.add_argument("--units", default="neurons", choices=["neurons", "heads"],
+                   help="vision units: MLP hidden neurons (default) or attention heads")
     c.add_argument("--calib-dataset", help="datasets name or local data path")
     c.add_argument("--calib-config", help="dataset config; comma-separated for several classes")
     c.add_argument("--calib-split", default="train")

@@ -126,3 +126,43 @@ def test_single_class_folder_is_refused(checkpoint, tmp_path, capsys):
     rc = prune.main(["--model", str(checkpoint / "model"), "--calib-images", str(tmp_path / "one"), "--budget", "0.3",
                      "--out", str(tmp_path / "out")])
     assert rc == 2 and "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("allocation", ["tod", "uniform"])
+def test_heads_round_trip_equals_zeroed_original(checkpoint, tmp_path, allocation):
+    from fair_moe.vision.rewrite import zero_removed_heads
+    from fair_moe.vision.units import attention_modules
+
+    out = tmp_path / "heads"
+    assert run(checkpoint, out, "--units", "heads", "--budget", "0.5", "--allocation", allocation) == 0
+    plan = json.loads((out / "fair_moe_plan.json").read_text())
+    kept = {int(k): v for k, v in plan["kept_units"].items()}
+    assert sum(2 - len(v) for v in kept.values()) == 3 * 1  # 2 heads per layer, round(0.5 × 2) = 1 removed
+    original = tf.AutoModelForImageClassification.from_pretrained(checkpoint / "model").eval()
+    pixels = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = original(pixel_values=pixels).logits
+        reference = zero_removed_heads(original, kept)(pixel_values=pixels).logits
+        pruned = tf.AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+        assert (pruned(pixel_values=pixels).logits - reference).abs().max().item() < 1e-4
+    assert (reference - dense).abs().max() > 1e-5
+    assert [a.q_proj.out_features for a in attention_modules(pruned)] == [8] * 3  # one head of width 8 left
+    if allocation == "uniform":
+        assert type(tf.AutoModelForImageClassification.from_pretrained(out)) is type(original)
+
+
+def test_head_taylor_matches_autograd_on_o_proj_columns(checkpoint):
+    from fair_moe.vision.signals import vision_head_scores
+    from fair_moe.vision.units import attention_modules
+
+    model = tf.AutoModelForImageClassification.from_pretrained(checkpoint / "model").eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(6, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    removal, protection = vision_head_scores(model, batches, 3, progress=False)
+    model.zero_grad()
+    model(pixel_values=batches[0][0], labels=batches[0][1]).loss.backward()
+    for n, attention in enumerate(attention_modules(model)):
+        w = attention.o_proj.weight
+        expected = (w.grad * w).detach().double().unflatten(1, (2, -1)).sum(dim=(0, 2)).abs()
+        torch.testing.assert_close(protection[n], expected, rtol=1e-4, atol=1e-10)
+    assert removal["wasserstein"].shape == (3, 2)

@@ -77,8 +77,16 @@ def run_vision(args) -> None:
     from fair_moe.prune import parse_budgets
     from fair_moe.rewrite import check_output_dir, write_atomically
     from fair_moe.vision.data import image_batches, read_image_folder
-    from fair_moe.vision.rewrite import apply_vision_plan, save_vision, zero_removed
-    from fair_moe.vision.signals import VISION_REMOVAL_SIGNALS, vision_scores
+    from fair_moe.vision.rewrite import (
+        apply_head_plan,
+        apply_vision_plan,
+        save_vision,
+        zero_removed,
+        zero_removed_heads,
+    )
+    from fair_moe.vision.signals import VISION_REMOVAL_SIGNALS, vision_head_scores, vision_scores
+
+    heads = args.units == "heads"
 
     if not args.out:
         raise FairMoeError("--out is required: the folder the pruned checkpoint is written to")
@@ -107,9 +115,10 @@ def run_vision(args) -> None:
         raise FairMoeError(f"--calib-images needs a vision transformer; model_type {config.model_type!r} is not one of "
                            f"{', '.join(VISION_MODEL_TYPES)}")
     paths, labels, classes = read_image_folder(args.calib_images)
-    width, layers = config.intermediate_size, config.num_hidden_layers
-    print(f"model_type {config.model_type}: {layers} encoder layers × {width} MLP neurons; {len(paths)} images in "
-          f"{len(classes)} classes")
+    width = config.num_attention_heads if heads else config.intermediate_size
+    layers = config.num_hidden_layers
+    print(f"model_type {config.model_type}: {layers} encoder layers × {width} {'attention heads' if heads else 'MLP neurons'}; "
+          f"{len(paths)} images in {len(classes)} classes")
     if args.dry_run:
         return
     with warnings.catch_warnings():
@@ -120,9 +129,10 @@ def run_vision(args) -> None:
     if args.scores:
         scores = Scores.load(args.scores)
     else:
-        removal_scores, protection = vision_scores(model, batches, len(classes), args.seed, progress=not args.quiet)
+        score_fn = vision_head_scores if heads else vision_scores
+        removal_scores, protection = score_fn(model, batches, len(classes), args.seed, progress=not args.quiet)
         scores = Scores(list(range(layers)), removal_scores, protection,
-                        {"model_type": config.model_type, "width": width, "unit": "mlp_neurons",
+                        {"model_type": config.model_type, "width": width, "unit": "attention_heads" if heads else "mlp_neurons",
                          "calibration": {"images": sum(len(b[1]) for b in batches), "classes": classes, "seed": args.seed}})
         scores.check_finite()
     plan = vision_plan(scores, budget, args.tolerance, allocation, removal, min_keep, base_model=args.model)
@@ -132,11 +142,11 @@ def run_vision(args) -> None:
     probe = batches[0][0][:4]
     reference_model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32).eval()
     with torch.no_grad():
-        reference = zero_removed(reference_model, plan.kept_experts)(pixel_values=probe).logits
+        reference = (zero_removed_heads if heads else zero_removed)(reference_model, plan.kept_experts)(pixel_values=probe).logits
     del reference_model
 
     def write(tmp: Path) -> None:
-        apply_vision_plan(model, plan)
+        (apply_head_plan if heads else apply_vision_plan)(model, plan)
         save_vision(model, tmp, processor)
         plan.save(tmp)
         scores.save(tmp / SCORES_FILE)

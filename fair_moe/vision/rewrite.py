@@ -16,7 +16,7 @@ from torch import nn
 
 from fair_moe.plan import PrunePlan
 from fair_moe.vision import modeling_template
-from fair_moe.vision.units import mlp_layers
+from fair_moe.vision.units import attention_modules, mlp_layers
 
 MODELING_FILE = "modeling_fair_moe.py"
 
@@ -30,6 +30,39 @@ def zero_removed(model: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
             layer.fc1.weight[removed] = 0
             if layer.fc1.bias is not None:
                 layer.fc1.bias[removed] = 0
+    return model
+
+
+def zero_removed_heads(model: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
+    """The reference for heads: removed heads' columns of o_proj set to zero, in place (their output then adds nothing)."""
+    with torch.no_grad():
+        for index, attention in enumerate(attention_modules(model)):
+            d = attention.head_dim
+            for head in set(range(attention.o_proj.in_features // d)) - set(kept[index]):
+                attention.o_proj.weight[:, head * d : (head + 1) * d] = 0
+    return model
+
+
+def apply_head_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Slice removed heads out of q/k/v (rows) and o_proj (columns) of every layer; update the config."""
+    heads = {}
+    with torch.no_grad():
+        for index, attention in enumerate(attention_modules(model)):
+            d = attention.head_dim
+            kept = sorted(plan.kept_experts[index])
+            rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in kept])
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(attention, name)
+                setattr(attention, name, _linear_like(old, old.weight[rows], None if old.bias is None else old.bias[rows]))
+            attention.o_proj = _linear_like(attention.o_proj, attention.o_proj.weight[:, rows], attention.o_proj.bias)
+            attention.num_attention_heads = len(kept)
+            heads[str(index)] = len(kept)
+    model.config.head_dim = attention_modules(model)[0].head_dim
+    if len(set(heads.values())) == 1:
+        model.config.num_attention_heads = next(iter(heads.values()))  # stock class: head_dim keeps the width
+    else:
+        model.config.fair_moe_attention_heads = heads
+        model.config.auto_map = {"AutoModelForImageClassification": f"{MODELING_FILE[:-3]}.FairMoeForImageClassification"}
     return model
 
 
@@ -64,7 +97,7 @@ def save_vision(model: nn.Module, folder: Path, image_processor=None) -> None:
     model.save_pretrained(folder)
     if image_processor is not None:
         image_processor.save_pretrained(folder)
-    if getattr(model.config, "fair_moe_intermediate_sizes", None):
+    if getattr(model.config, "fair_moe_intermediate_sizes", None) or getattr(model.config, "fair_moe_attention_heads", None):
         source = inspect.getsource(modeling_template)
         cls = type(model)
         line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"

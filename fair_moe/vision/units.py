@@ -38,3 +38,12 @@ def encoder(model: nn.Module) -> nn.Module:
 def mlp_layers(model: nn.Module) -> list[MLPLayer]:
     """Every encoder layer's MLP, in order."""
     return [MLPLayer(i, layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn) for i, layer in enumerate(encoder(model).layers)]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every encoder layer's self-attention (q/k/v_proj [n·d, H], o_proj [H, n·d]), in order."""
+    return [layer.attention for layer in encoder(model).layers]
+
+
+def head_dim(model: nn.Module) -> int:
+    return attention_modules(model)[0].head_dim
