@@ -2,6 +2,7 @@
 
     python scripts/train_vision_demo.py --images-out bench_out/digits   # once: the calib/ and test/ folders
     python scripts/bench_vision.py
+    python scripts/bench_vision.py --units heads --budgets 0.25,0.5
 
 One calibration pass over the calibration split (wasserstein U + Taylor R); every plan is evaluated on
 the test split through the zeroed-neuron reference, which the tests prove equal to the rewritten model.
@@ -22,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 from fair_moe.scores import Scores  # noqa: E402
 from fair_moe.vision.cli import vision_plan  # noqa: E402
 from fair_moe.vision.data import image_batches, read_image_folder  # noqa: E402
-from fair_moe.vision.rewrite import zero_removed  # noqa: E402
-from fair_moe.vision.signals import vision_scores  # noqa: E402
+from fair_moe.vision.rewrite import zero_removed, zero_removed_heads  # noqa: E402
+from fair_moe.vision.signals import vision_head_scores, vision_scores  # noqa: E402
 
 METHODS = [("tod", "wasserstein"), ("uniform", "wasserstein"), ("global", "wasserstein"), ("uniform", "random"),
            ("tod", "random")]
@@ -46,14 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=ROOT / "bench_out" / "digits")
     p.add_argument("--budgets", default="0.3,0.5")
     p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--units", default="neurons", choices=["neurons", "heads"])
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     processor = AutoImageProcessor.from_pretrained(args.model)
     model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32).eval()
     calib = image_batches(processor, *read_image_folder(args.images / "calib")[:2], args.samples, 32, 0)
     test = image_batches(processor, *read_image_folder(args.images / "test")[:2], 10_000, 128, 0)
-    removal, protection = vision_scores(model, calib, 10, progress=False)
-    width = model.config.intermediate_size
+    heads = args.units == "heads"
+    removal, protection = (vision_head_scores if heads else vision_scores)(model, calib, 10, progress=False)
+    width = model.config.num_attention_heads if heads else model.config.intermediate_size
     layers = model.config.num_hidden_layers
     scores = Scores(list(range(layers)), removal, protection, {"model_type": "vit", "width": width})
     print(f"dense test accuracy {accuracy(model, test):.4f} ({sum(len(b[1]) for b in test)} images, "
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in (float(b) for b in args.budgets.split(",")):
         for allocation, signal in METHODS:
             plan = vision_plan(scores, budget, None, allocation, signal, 1)
-            pruned = zero_removed(copy.deepcopy(model), plan.kept_experts)
+            pruned = (zero_removed_heads if heads else zero_removed)(copy.deepcopy(model), plan.kept_experts)
             kept = " ".join(str(v) for v in plan.kept_counts.values())
             print(f"| {budget} | {allocation}+{signal} | {accuracy(pruned, test):.4f} | {kept} |", flush=True)
     return 0
