@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,136 +21,96 @@ from fair_moe.vision.units import MLPLayer, attention_modules, encoder, mlp_laye
 VISION_REMOVAL_SIGNALS = ("wasserstein", "random")
 
 
-class NeuronRecorder:
-    """Per layer: mean-over-tokens activations [images, I] by class, and the signed Taylor sums [I]."""
+class UnitRecorder:
+    """Per layer: one value per image and unit, kept by class ([images, U] chunks), and the signed Taylor
+    sums [U]. What a unit is (an MLP neuron, an attention head) is decided by the hooks that feed it."""
 
-    def __init__(self, layers: list[MLPLayer], num_classes: int):
-        self.layers = layers
-        self.activations = [[[] for _ in range(num_classes)] for _ in layers]
-        self.taylor = [torch.zeros(layer.width, dtype=torch.float64) for layer in layers]
+    def __init__(self, widths: list[int], num_classes: int):
+        self.widths = widths
+        self.activations = [[[] for _ in range(num_classes)] for _ in widths]
+        self.taylor = [torch.zeros(w, dtype=torch.float64) for w in widths]
         self.labels: torch.Tensor | None = None
 
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        handles = [layer.fc1.register_forward_hook(self._hook(n)) for n, layer in enumerate(self.layers)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def record(self, n: int, values: torch.Tensor) -> None:
+        """Layer n's per-image unit values [B, U] for the current batch."""
+        for klass in self.labels.unique().tolist():
+            self.activations[n][klass].append(values[self.labels == klass])
 
-    def _hook(self, n: int):
-        def hook(module, args, z):  # z: pre-activation [B, T, I]
-            act = self.layers[n].activation(z.detach()).mean(dim=1).double().cpu()  # [B, I]
-            for klass in self.labels.unique().tolist():
-                self.activations[n][klass].append(act[self.labels == klass])
-            if z.requires_grad:
-                z.register_hook(self._taylor(n, z.detach()))  # a detached view: no tensor → hook → tensor cycle
-
-        return hook
-
-    def _taylor(self, n: int, z):
-        held = [z]  # released once used
+    def track_taylor(self, n: int, x: torch.Tensor, per_unit) -> None:
+        """Add ``per_unit(∂L/∂x ⊙ x) -> [U]`` to layer n's Taylor sum when the backward pass reaches ``x``."""
+        if not x.requires_grad:
+            return
+        held = [x.detach()]  # a detached view, released once used: no tensor → hook → tensor cycle
 
         def hook(grad) -> None:  # returns None: the gradient itself is left untouched
-            self.taylor[n] += (grad.double() * held.pop().double()).sum(dim=(0, 1)).cpu()
+            self.taylor[n] += per_unit(grad.double() * held.pop().double()).cpu()
 
-        return hook
+        x.register_hook(hook)
+
+    def result(self, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        wasserstein = [max_pairwise_wasserstein([torch.cat(c) for c in per_class if c]) for per_class in self.activations]
+        shape = (len(self.widths), self.widths[0])
+        removal = {
+            "wasserstein": torch.stack(wasserstein),
+            "random": torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
+        }
+        return removal, torch.stack(self.taylor).abs()
+
+
+def _calibrate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], recorder: UnitRecorder,
+               handles: list, seed: int, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward + backward over (pixel_values, labels) batches with the recorder's hooks; hooks always removed."""
+    device = next(model.parameters()).device
+    handles.append(encoder(model).embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    try:
+        with activation_gradients_only(model):
+            for pixels, labels in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+                recorder.labels = labels
+                loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
+                loss.backward()
+                del loss
+    finally:
+        for h in handles:
+            h.remove()
+    return recorder.result(seed)
 
 
 def vision_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int, seed: int = 0,
                   progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Removal signals {name: [L, I]} and Taylor protection [L, I] over (pixel_values, labels) batches."""
+    """Removal signals {name: [L, I]} and Taylor protection [L, I] for MLP neurons."""
     layers = mlp_layers(model)
-    recorder = NeuronRecorder(layers, num_classes)
-    device = next(model.parameters()).device
-    embeddings = encoder(model).embeddings
-    handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        with activation_gradients_only(model), recorder.attached():
-            for pixels, labels in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                recorder.labels = labels
-                loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
-                loss.backward()
-                del loss
-    finally:
-        handle.remove()
-    wasserstein = []
-    for per_class in recorder.activations:
-        samples = [torch.cat(chunks) for chunks in per_class if chunks]
-        wasserstein.append(max_pairwise_wasserstein(samples))
-    shape = (len(layers), layers[0].width)
-    removal = {
-        "wasserstein": torch.stack(wasserstein),
-        "random": torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
-    }
-    return removal, torch.stack(recorder.taylor).abs()
+    recorder = UnitRecorder([layer.width for layer in layers], num_classes)
 
-
-class HeadRecorder:
-    """Per layer: each head's output norm (mean over tokens) by class [images, heads], and signed Taylor sums.
-
-    A head's output is its d-wide slice of o_proj's input; its Taylor score is Σ ⟨∂L/∂x_h, x_h⟩, which
-    equals Σ (∂L/∂W ⊙ W) over the head's columns of o_proj.
-    """
-
-    def __init__(self, model: nn.Module, num_classes: int):
-        self.attentions = attention_modules(model)
-        self.heads = [a.o_proj.in_features // a.head_dim for a in self.attentions]
-        self.activations = [[[] for _ in range(num_classes)] for _ in self.attentions]
-        self.taylor = [torch.zeros(n, dtype=torch.float64) for n in self.heads]
-        self.labels: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        handles = [a.o_proj.register_forward_pre_hook(self._hook(n)) for n, a in enumerate(self.attentions)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _hook(self, n: int):
-        def hook(module, args):
-            x = args[0]  # [B, T, heads·d]
-            per_head = x.detach().unflatten(-1, (self.heads[n], -1))
-            norms = per_head.double().norm(dim=-1).mean(dim=1).cpu()  # [B, heads]
-            for klass in self.labels.unique().tolist():
-                self.activations[n][klass].append(norms[self.labels == klass])
-            if x.requires_grad:
-                x.register_hook(self._taylor(n, x.detach()))
+    def hook_for(n: int, layer: MLPLayer):
+        def hook(module, args, z):  # z: pre-activation [B, T, I]
+            recorder.record(n, layer.activation(z.detach()).mean(dim=1).double().cpu())
+            recorder.track_taylor(n, z, lambda product: product.sum(dim=(0, 1)))
 
         return hook
 
-    def _taylor(self, n: int, x):
-        held = [x]
-
-        def hook(grad) -> None:
-            product = (grad.double() * held.pop().double()).unflatten(-1, (self.heads[n], -1))
-            self.taylor[n] += product.sum(dim=(0, 1, 3)).cpu()
-
-        return hook
+    handles = [layer.fc1.register_forward_hook(hook_for(n, layer)) for n, layer in enumerate(layers)]
+    return _calibrate(model, batches, recorder, handles, seed, "calibrating", progress)
 
 
 def vision_head_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                        seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Removal signals {name: [L, heads]} and Taylor protection [L, heads] for attention heads."""
-    recorder = HeadRecorder(model, num_classes)
-    device = next(model.parameters()).device
-    handle = encoder(model).embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        with activation_gradients_only(model), recorder.attached():
-            for pixels, labels in tqdm(batches, desc="calibrating heads", unit="batch", disable=not progress):
-                recorder.labels = labels
-                loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
-                loss.backward()
-                del loss
-    finally:
-        handle.remove()
-    wasserstein = [max_pairwise_wasserstein([torch.cat(c) for c in per_class if c]) for per_class in recorder.activations]
-    shape = (len(recorder.heads), recorder.heads[0])
-    removal = {
-        "wasserstein": torch.stack(wasserstein),
-        "random": torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),
-    }
-    return removal, torch.stack(recorder.taylor).abs()
+    """Removal signals {name: [L, heads]} and Taylor protection [L, heads] for attention heads.
+
+    A head's output is its d-wide slice of o_proj's input; its value per image is that slice's norm
+    averaged over tokens, and its Taylor score Σ ⟨∂L/∂x_h, x_h⟩ equals Σ (∂L/∂W ⊙ W) over the head's
+    columns of o_proj.
+    """
+    attentions = attention_modules(model)
+    heads = [a.o_proj.in_features // a.head_dim for a in attentions]
+    recorder = UnitRecorder(heads, num_classes)
+
+    def hook_for(n: int):
+        def hook(module, args):
+            x = args[0]  # [B, T, heads·d]
+            recorder.record(n, x.detach().unflatten(-1, (heads[n], -1)).double().norm(dim=-1).mean(dim=1).cpu())
+            recorder.track_taylor(n, x, lambda product: product.unflatten(-1, (heads[n], -1)).sum(dim=(0, 1, 3)))
+
+        return hook
+
+    handles = [a.o_proj.register_forward_pre_hook(hook_for(n)) for n, a in enumerate(attentions)]
+    return _calibrate(model, batches, recorder, handles, seed, "calibrating heads", progress)
