@@ -29,23 +29,26 @@ class PrunePlan:
     compensation: dict | None = None  # {"kind": "layer-scale", "scales": {layer: s}} folded into the weights
     unit: str = "experts"  # "experts" (MoE, saved as kept_experts) or "units" (vision neurons, saved as kept_units)
 
-    @property
-    def layer_scales(self) -> dict[int, float] | None:
-        if not self.compensation or self.compensation.get("kind") != "layer-scale":
+    def _compensation(self, kind: str, key: str) -> dict | None:
+        """The compensation's per-layer table when it is of ``kind`` (keys back to ints after a JSON round trip)."""
+        if not self.compensation or self.compensation.get("kind") != kind:
             return None
-        return {int(k): float(v) for k, v in self.compensation["scales"].items()}
+        return {int(layer): value for layer, value in self.compensation[key].items()}
 
     @property
-    def merges(self) -> dict[int, dict[int, list]] | None:
-        if not self.compensation or self.compensation.get("kind") != "merge":
-            return None
-        return {int(layer): {int(k): v for k, v in groups.items()} for layer, groups in self.compensation["merges"].items()}
+    def layer_scales(self) -> dict[int, float] | None:
+        table = self._compensation("layer-scale", "scales")
+        return None if table is None else {k: float(v) for k, v in table.items()}
 
     @property
     def router_temperatures(self) -> dict[int, float] | None:
-        if not self.compensation or self.compensation.get("kind") != "router-temperature":
-            return None
-        return {int(k): float(v) for k, v in self.compensation["temperatures"].items()}
+        table = self._compensation("router-temperature", "temperatures")
+        return None if table is None else {k: float(v) for k, v in table.items()}
+
+    @property
+    def merges(self) -> dict[int, dict[int, list]] | None:
+        table = self._compensation("merge", "merges")
+        return None if table is None else {k: {int(t): m for t, m in groups.items()} for k, groups in table.items()}
 
     @property
     def kept_counts(self) -> dict[int, int]:
@@ -65,15 +68,7 @@ class PrunePlan:
         data = asdict(self)
         kept = data.pop("kept_experts")
         data[f"kept_{self.unit}"] = {str(k): sorted(v) for k, v in sorted(kept.items())}
-        if self.layer_scales:
-            data["compensation"] = {**self.compensation,
-                                    "scales": {str(k): v for k, v in sorted(self.layer_scales.items())}}
-        if self.merges is not None:
-            data["compensation"] = {**self.compensation, "merges": {
-                str(layer): {str(k): v for k, v in sorted(groups.items())} for layer, groups in sorted(self.merges.items())}}
-        if self.router_temperatures:
-            data["compensation"] = {**self.compensation,
-                                    "temperatures": {str(k): v for k, v in sorted(self.router_temperatures.items())}}
+        # compensation tables keep int layer / expert keys: json writes them as strings, the properties read them back
         data["kept_counts"] = {str(k): v for k, v in self.kept_counts.items()}
         data["removed_total"] = self.removed_total
         data["fair_moe_version"] = __version__
