@@ -24,6 +24,7 @@ test: $(PY)
 
 lint: $(PY)
 	$(VENV)/bin/ruff check fair_moe scripts tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -45,7 +45,7 @@ def rss_mib() -> float:
 
 def measure(name: str, mode: str, batches: int, batch: int, seq: int) -> dict:
     from fair_moe.adapters import get_adapter
-    from fair_moe.signals import run_calibration
+    from fair_moe.units.experts.calibrate import run_calibration
 
     torch.set_num_threads(2)
     model = build(name)
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
             print(rows[-1], flush=True)
-    print("\n| model | tokens | floor s | fair_moe s | time ratio | floor peak MiB | fair_moe peak MiB | memory ratio |")
+    print("\n| model | tokens | floor s | fair_moe s | time ratio | floor peak MiB | fair_moe peak MiB "
+          "| memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for floor, ours in zip(rows[::2], rows[1::2], strict=True):
         print(f"| {floor['model']} | {floor['tokens']} | {floor['seconds']:.1f} | {ours['seconds']:.1f} | "

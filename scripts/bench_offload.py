@@ -1,4 +1,5 @@
-"""Calibration of a model that does not fit in the memory it is given: accelerate disk offload + layer-wise recomputation.
+"""Calibration of a model that does not fit in the memory it is given: \
+accelerate disk offload + layer-wise recomputation.
 
     python scripts/bench_offload.py                       # 16 layers × 64 experts, fp32 (~2.4 GB), 128 MB allowed
     python scripts/bench_offload.py --max-memory 256MB
@@ -75,8 +76,9 @@ def measure(folder: Path, mode: str, limit: str, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from fair_moe.adapters import get_adapter
-    from fair_moe.signals import run_calibration
-    from fair_moe.signals.layerwise import run_calibration_layerwise
+    from fair_moe.strategies.signals import compute_signals
+    from fair_moe.units.experts.calibrate import run_calibration
+    from fair_moe.units.experts.layerwise import run_calibration_layerwise
 
     torch.set_num_threads(2)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -90,7 +92,7 @@ def measure(folder: Path, mode: str, limit: str, out: Path) -> dict:
     layers = get_adapter(model.config).moe_layers(model)
     start = time.perf_counter()
     run = run_calibration_layerwise if mode == "offload" else run_calibration
-    removal, protection, _ = run(model, layers, batches, 2, 0, progress=False)
+    removal, protection = compute_signals(run(model, layers, batches, 2, 0, progress=False))
     seconds = time.perf_counter() - start
     anon.__exit__(None, None, None)
     torch.save({"reap": removal["reap"], "taylor": protection}, out)
@@ -101,7 +103,8 @@ def measure(folder: Path, mode: str, limit: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-memory", default="128MB")
-    p.add_argument("--inter", type=int, default=768, help="expert intermediate size (768: about 2.4 GB of fp32 weights)")
+    p.add_argument("--inter", type=int, default=768,
+                   help="expert intermediate size (768: about 2.4 GB of fp32 weights)")
     p.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("offload", "memory"):
             cmd = [sys.executable, __file__, "--child", str(folder), mode, str(Path(tmp) / f"{mode}.pt"),
                    "--max-memory", args.max_memory]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+            rows.append(
+                json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            )
         a, b = (torch.load(Path(tmp) / f"{m}.pt") for m in ("offload", "memory"))
         same = all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-9) for k in a)
     print(f"weights on disk: {size / 2**20:.0f} MiB; --max-memory cpu={args.max_memory}; scores agree: {same}")
-    print("| run | peak anonymous RSS | peak RSS (incl. mapped files) | RSS after imports | time |\n|---|---|---|---|---|")
+    print("| run | peak anonymous RSS | peak RSS (incl. mapped files) | RSS after imports | time |\n"
+          "|---|---|---|---|---|")
     for r in rows:
         label = f"offloaded, layer-wise (cpu={args.max_memory})" if r["mode"] == "offload" else "in memory, one pass"
-        print(f"| {label} | {r['peak_anon_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | {r['rss_after_imports_mib']:.0f} MiB "
+        print(f"| {label} | {r['peak_anon_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB "
+              f"| {r['rss_after_imports_mib']:.0f} MiB "
               f"| {r['seconds']:.1f} s |")
     return 0
 

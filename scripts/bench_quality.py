@@ -25,12 +25,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fair_moe import PlanSettings, compute_scores, make_plan  # noqa: E402
-from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR, bundled_sources, sources_from_files, token_stream  # noqa: E402
-from fair_moe.masking import masked_experts  # noqa: E402
-from fair_moe.perplexity import stream_nll  # noqa: E402
-from fair_moe.pipeline import compensate  # noqa: E402
-from fair_moe.select import select_plan  # noqa: E402
+from fair_moe import Budget, apply_plan, compute_scores, reference, save_pruned  # noqa: E402
+from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR  # noqa: E402
+from fair_moe.calibration.text import bundled_sources, sources_from_files, token_stream  # noqa: E402
+from fair_moe.metrics import stream_nll  # noqa: E402
+from fair_moe.strategies.planning import make_plan  # noqa: E402
+from fair_moe.strategies.selection import decide_compensation, select_plan  # noqa: E402
+from fair_moe.units import UNIT_KINDS  # noqa: E402
+
+EXPERTS = UNIT_KINDS.get("experts")
 
 # (allocation, removal, compensation); baselines are the uniform and global rows.
 CONFIGS = [
@@ -72,21 +75,17 @@ def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int) ->
 
 def harness_metrics(model_dir: str, tasks: list[str], include_path: Path | None, limit: float | None) -> dict:
     """lm-eval metrics of a checkpoint folder through fair_moe.eval (the same code users run)."""
-    import argparse as ap
+    from fair_moe.workflow.evaluate import EvalSettings, evaluate, resolve_tasks
 
-    from fair_moe.eval import evaluate, resolve_tasks
-
-    args = ap.Namespace(device="cpu", dtype="float32", num_fewshot=None, batch_size="8", limit=limit, seed=0,
-                        ppl_file=[], ppl_seq_len=512)
+    args = EvalSettings(model=model_dir, output_json=Path("unused.json"), device="cpu", dtype="float32",
+                        batch_size="8", limit=limit)
     return evaluate(model_dir, tasks, resolve_tasks(tasks, include_path), args)
 
 
 def write_pruned(model, plan, folder: Path, tokenizer) -> None:
     import copy
 
-    from fair_moe.rewrite import apply_plan, save_pruned
-
-    save_pruned(apply_plan(copy.deepcopy(model), plan), folder, tokenizer=tokenizer)
+    save_pruned(apply_plan(copy.deepcopy(model), plan), folder, tokenizer, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,29 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         for allocation, removal, comp in selected:
             if removal not in scores.removal and removal != "-":
                 continue
-            settings = PlanSettings(budget=budget, allocation=allocation, removal=removal if removal != "-" else "reap")
+            settled = False
             if allocation == "auto":
-                plan = select_plan(model, scores, settings, progress=False, compensation=comp)
+                selection = select_plan(model, EXPERTS, scores, Budget(budget), comp, progress=False)
+                plan, settled = selection.plan, selection.compensation_settled
             else:
-                plan = make_plan(scores, settings)
-            plan = compensate(model, plan, scores, comp)
-            evaluated = model
-            if plan.merges:  # the merged original, masked: what the rewritten checkpoint equals
-                import copy
-
-                from fair_moe.compensate import fold_merges
-
-                evaluated = copy.deepcopy(model)
-                fold_merges(evaluated, plan.merges)
-            with masked_experts(evaluated, plan.kept_experts, scales=plan.layer_scales,
-                                temperatures=plan.router_temperatures):
-                ppl = heldout_perplexity(evaluated, streams, args.seq_len)
+                plan = make_plan(scores, Budget(budget), allocation, removal)
+            if not settled:
+                plan = decide_compensation(model, EXPERTS, plan, scores, comp, 4)
+            with reference(model, plan):  # what the rewritten checkpoint equals
+                ppl = heldout_perplexity(model, streams, args.seq_len)
+            suffix = f" +{plan.compensation.kind}" if plan.compensation else ""
             if allocation == "auto":
                 chosen = plan.settings["selected"]
-                name = f"auto → {chosen['allocation']}+{chosen['removal']}" + (" +layer-scale" if plan.layer_scales else "")
+                name = f"auto → {chosen['allocation']}+{chosen['removal']}" + suffix
             else:
-                name = f"{allocation}+{removal}" + (" +layer-scale" if plan.layer_scales else "") + (
-                    " +router-temperature" if plan.router_temperatures else "") + (" +merge" if plan.merges else "")
+                name = f"{allocation}+{removal}" + suffix
             if allocation == "auto" and comp == "auto":
                 name = "**default** " + name
             elif allocation == "auto":
@@ -183,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, budget, plan, ppl in rows:
         kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
         baseline = name.split("+")[0] in BASELINES and "random" not in name and name.count("+") == 1
-        mark = " (best baseline)" if baseline and plan is not None and ppl["overall"] == best_baseline.get(budget) else ""
+        mark = (" (best baseline)" if baseline and plan is not None and ppl["overall"] == best_baseline.get(budget)
+                else "")
         lines.append(f"| {budget} | {name}{mark} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
     table = "\n".join(lines)
     print(table)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 def make_checkpoint(folder: Path, layers: int, experts: int, hidden: int, inter: int) -> None:
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
-    config = Qwen2MoeConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=2 * inter, moe_intermediate_size=inter,
+    config = Qwen2MoeConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=2 * inter,
+                            moe_intermediate_size=inter,
                             shared_expert_intermediate_size=2 * inter, num_hidden_layers=layers, num_attention_heads=8,
                             num_key_value_heads=4, num_experts=experts, num_experts_per_tok=4)
     torch.manual_seed(0)
@@ -36,15 +37,22 @@ def make_checkpoint(folder: Path, layers: int, experts: int, hidden: int, inter:
 
 
 def child(source: str, out: str, layers: int, experts: int) -> dict:
-    from fair_moe.plan import PrunePlan
-    from fair_moe.stream import stream_rewrite
+    from fair_moe.checkpoint.stream import stream_rewrite
+    from fair_moe.core.plan import PrunePlan
+    from fair_moe.units.experts.keys import ExpertKeyRewriter
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # uneven plan at budget 0.5: even layers keep 3/4 of their experts, odd layers 1/4
     kept = {i: list(range(3 * experts // 4)) if i % 2 == 0 else list(range(experts // 4)) for i in range(layers)}
-    plan = PrunePlan("qwen2_moe", experts, 4, kept)
+    plan = PrunePlan("qwen2_moe", "experts", experts, kept, top_k=4)
+    from transformers import AutoConfig
+
+    from fair_moe.adapters import get_adapter
+
+    rewriter = ExpertKeyRewriter(plan, get_adapter(AutoConfig.from_pretrained(source)))
     start = time.perf_counter()
-    stats = stream_rewrite(Path(source), Path(out), plan, max_shard_bytes=100 * 2**20, progress=False)
+    stats = stream_rewrite(Path(source), Path(out), rewriter, max_shard_bytes=100 * 2**20, progress=False)
+    rewriter.check_complete()
     stats["seconds"] = time.perf_counter() - start
     stats["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats["baseline_rss_mib"] = base
@@ -76,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in source.glob("*.safetensors"))
         cmd = [sys.executable, __file__, "--child", str(source), str(out), "--layers", str(args.layers),
                "--experts", str(args.experts)]
-        stats = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        stats = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
     print(json.dumps(stats))
     print("| checkpoint on disk | shards | written | peak RSS of the rewrite | RSS before it | time |")
     print("|---|---|---|---|---|---|")

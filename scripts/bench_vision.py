@@ -11,7 +11,6 @@ the test split through the zeroed-neuron reference, which the tests prove equal 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fair_moe.scores import Scores  # noqa: E402
-from fair_moe.vision.cli import vision_plan  # noqa: E402
-from fair_moe.vision.data import image_batches, read_image_folder  # noqa: E402
-from fair_moe.vision.rewrite import zero_removed, zero_removed_heads  # noqa: E402
-from fair_moe.vision.signals import vision_head_scores, vision_scores  # noqa: E402
+from fair_moe.calibration.images import folder_batches, image_batches, read_image_folder  # noqa: E402
+from fair_moe.core.budget import Budget  # noqa: E402
+from fair_moe.strategies.planning import make_plan  # noqa: E402
+from fair_moe.units import UNIT_KINDS  # noqa: E402
+from fair_moe.workflow.scoring import score  # noqa: E402
 
 METHODS = [("tod", "wasserstein"), ("uniform", "wasserstein"), ("global", "wasserstein"), ("uniform", "random"),
            ("tod", "random")]
@@ -52,23 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     processor = AutoImageProcessor.from_pretrained(args.model)
     model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32).eval()
-    calib = image_batches(processor, *read_image_folder(args.images / "calib")[:2], args.samples, 32, 0)
+    unit = UNIT_KINDS.get(args.units)
+    calib = folder_batches(processor, args.images / "calib", args.samples, 32, 0)
     test = image_batches(processor, *read_image_folder(args.images / "test")[:2], 10_000, 128, 0)
-    heads = args.units == "heads"
-    removal, protection = (vision_head_scores if heads else vision_scores)(model, calib, 10, progress=False)
-    width = model.config.num_attention_heads if heads else model.config.intermediate_size
-    layers = model.config.num_hidden_layers
-    scores = Scores(list(range(layers)), removal, protection, {"model_type": "vit", "width": width})
+    scores = score(model, unit, calib, progress=False)
+    width, layers = scores.layout.width, scores.layout.num_layers
     print(f"dense test accuracy {accuracy(model, test):.4f} ({sum(len(b[1]) for b in test)} images, "
-          f"calibration {sum(len(b[1]) for b in calib)} images)")
+          f"calibration {calib.meta['images']} images)")
     print("\n| budget | method | test accuracy | kept per layer |\n|---|---|---|---|")
     print(f"| - | dense | {accuracy(model, test):.4f} | {' '.join([str(width)] * layers)} |")
     for budget in (float(b) for b in args.budgets.split(",")):
         for allocation, signal in METHODS:
-            plan = vision_plan(scores, budget, None, allocation, signal, 1)
-            pruned = (zero_removed_heads if heads else zero_removed)(copy.deepcopy(model), plan.kept_experts)
+            plan = make_plan(scores, Budget(budget), allocation, signal)
+            with unit.masked(model, plan.kept):
+                correct = accuracy(model, test)
             kept = " ".join(str(v) for v in plan.kept_counts.values())
-            print(f"| {budget} | {allocation}+{signal} | {accuracy(pruned, test):.4f} | {kept} |", flush=True)
+            print(f"| {budget} | {allocation}+{signal} | {correct:.4f} | {kept} |", flush=True)
     return 0
 
 

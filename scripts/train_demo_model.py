@@ -114,7 +114,8 @@ def evaluate(model, streams: dict[str, torch.Tensor], seq: int) -> tuple[dict[st
             toks += batch.numel()
             top_k = model.config.num_experts_per_tok
             layer_counts = torch.stack(
-                [torch.bincount(r.topk(top_k, dim=-1).indices.flatten(), minlength=r.shape[-1]) for r in out.router_logits]
+                [torch.bincount(r.topk(top_k, dim=-1).indices.flatten(), minlength=r.shape[-1])
+                 for r in out.router_logits]
             )
             counts = layer_counts if counts is None else counts + layer_counts
         ppl[name] = math.exp(nll / toks)

@@ -116,7 +116,10 @@ def calib_files(tmp_path_factory):
     rng = random.Random(0)
     folder = tmp_path_factory.mktemp("calib")
     code = "\n".join(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {i}" for i in range(120))
-    legal = " ".join(rng.choice(["permission", "granted", "free", "charge", "person", "software", "the", "to", "of"]) for _ in range(900))
+    legal = " ".join(rng.choice(["permission", "granted", "free", "charge", "person", "software", "the", "to", "of"])
+                     for _ in range(900))
     (folder / "code.txt").write_text(code)
-    (folder / "legal.jsonl").write_text("\n".join(json.dumps({"text": legal[i : i + 400]}) for i in range(0, len(legal), 400)))
+    (folder / "legal.jsonl").write_text(
+        "\n".join(json.dumps({"text": legal[i : i + 400]}) for i in range(0, len(legal), 400))
+    )
     return [folder / "code.txt", folder / "legal.jsonl"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import transformers as tf
 
+from fair_moe.adapters import get_adapter
+from fair_moe.core.plan import PrunePlan
+
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0, eos_token_id=0, tie_word_embeddings=False)
 
@@ -21,9 +24,11 @@ def family_configs() -> dict:
                                        mlp_only_layers=[1]),
         "mixtral": tf.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=12, num_experts_per_tok=3),
         "olmoe": tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=12, num_experts_per_tok=3),
-        "deepseek_v2": tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla, topk_method="group_limited_greedy", n_group=3,
+        "deepseek_v2": tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla,
+                                           topk_method="group_limited_greedy", n_group=3,
                                            topk_group=2, routed_scaling_factor=1.5),
-        "deepseek_v3": tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla, n_group=3, topk_group=2, norm_topk_prob=True,
+        "deepseek_v3": tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **deepseek_mla,
+                                           n_group=3, topk_group=2, norm_topk_prob=True,
                                            routed_scaling_factor=2.5),
         "glm4_moe": tf.Glm4MoeConfig(**COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
                                      n_routed_experts=12, num_experts_per_tok=3, n_shared_experts=1, n_group=1,
@@ -45,3 +50,17 @@ def family_configs() -> dict:
         "gpt_oss": tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=12,
                                    num_experts_per_tok=3, sliding_window=8),
     }
+
+
+def grouped_uneven_plan(model) -> PrunePlan:
+    """Layers keep very different counts, the same number in every group."""
+    adapter = get_adapter(model.config)
+    e, groups = adapter.num_experts(model.config), adapter.num_groups(model.config)
+    size = e // groups
+    keep_per_group = [size, max(2, size // 2), size - 1]
+    kept = {}
+    for n, layer in enumerate(adapter.moe_layers(model)):
+        j = keep_per_group[n % 3]
+        kept[layer.index] = sorted(g * size + (i * 5 + g) % size for g in range(groups) for i in range(j))
+    assert len({len(v) for v in kept.values()}) > 1
+    return PrunePlan(model.config.model_type, "experts", e, kept, top_k=adapter.top_k(model.config))

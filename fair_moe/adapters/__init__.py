@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fair_moe.adapters.base import FusedExpertsAdapter, MoELayer
-from fair_moe.errors import FairMoeError
+from fair_moe.core.errors import FairMoeError
 
 _REGISTRY: dict[str, FusedExpertsAdapter] = {}
 

@@ -114,6 +114,7 @@ register_adapter(BiasedSigmoidAdapter(model_type="deepseek_v3", count_field="n_r
 register_adapter(BiasedSigmoidAdapter(model_type="glm4_moe", count_field="n_routed_experts"))
 register_adapter(TopkThenSoftmaxAdapter(model_type="gpt_oss", count_field="num_local_experts", router_attr="router"))
 register_adapter(TopkThenSoftmaxAdapter(model_type="granitemoe", count_field="num_local_experts", router_attr="router",
-                                        block_attr="block_sparse_moe", cast_to_weight_dtype=True))
+                                        block_attr="block_sparse_moe", cast_to_weight_dtype=True,
+                                        fused_key_names=("input_linear.weight", "output_linear.weight")))
 register_adapter(BiasedSigmoidAdapter(model_type="dots1", count_field="n_routed_experts"))
 register_adapter(FusedExpertsAdapter(model_type="qwen3_next", count_field="num_experts"))

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: loading models and configs, streaming shards, atomic output folders, reload checks."""

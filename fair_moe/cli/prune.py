@@ -1,0 +1,155 @@
+"""Prune the routed experts of a Hugging Face MoE model (or a vision transformer's units).
+
+    python -m fair_moe.prune --model fair_moe/data/demo_model --out /tmp/pruned --budget 0.25
+    python -m fair_moe.prune --model Qwen/Qwen1.5-MoE-A2.7B-Chat --calib-file a.txt --calib-file b.jsonl \\
+        --budget 0.25 --out qwen-pruned
+    python -m fair_moe.prune --model M --scores qwen-pruned/fair_moe_scores.safetensors --budget 0.5 --out q50
+    python -m fair_moe.prune --list-models
+
+All input is checked before the model is loaded or calibrated; on any error nothing is written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fair_moe.cli.common import run_command
+from fair_moe.core.budget import Budget
+from fair_moe.strategies import (
+    ALLOCATIONS,
+    AUTO,
+    AUTO_ALLOCATION_HELP,
+    AUTO_COMPENSATION_HELP,
+    COMPENSATIONS,
+    PROTECTION_SIGNALS,
+    REMOVAL_SIGNALS,
+)
+from fair_moe.units import UNIT_KINDS
+from fair_moe.workflow.settings import (
+    CalibrationSettings,
+    MethodSettings,
+    OutputSettings,
+    PruneSettings,
+    RuntimeSettings,
+)
+
+
+def _choices(registry, auto: str | None = None) -> str:
+    lines = ([f"{AUTO}: {auto}"] if auto else []) + [f"{item.name}: {item.description}" for item in registry]
+    return "; ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fair_moe.prune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local checkpoint folder or Hub id")
+    p.add_argument("--out", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--list-models", action="store_true", help="print the supported model types and exit")
+
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-file", type=Path, action="append", default=[],
+                   help=".txt or .jsonl; repeatable, one class each")
+    c.add_argument("--calib-images", type=Path,
+                   help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons)")
+    c.add_argument("--units", choices=UNIT_KINDS.names(),
+                   help="what to prune: " + _choices(UNIT_KINDS) + " (default: experts; neurons with --calib-images)")
+    c.add_argument("--calib-dataset", help="datasets name or local data path")
+    c.add_argument("--calib-config", help="dataset config; comma-separated for several classes")
+    c.add_argument("--calib-split", default="train")
+    c.add_argument("--text-field", default="text")
+    c.add_argument("--samples", type=int, default=128, help="calibration sequences in total (default 128)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+
+    b = p.add_argument_group("budget")
+    b.add_argument("--budget", help="fraction of routed experts removed model-wide (e.g. 0.25); a comma-separated "
+                   "list writes one checkpoint per budget into OUT/budget-B/ from one calibration")
+    b.add_argument("--tolerance", type=float, help="ToD tolerance α in [0, 1] instead of a budget")
+    b.add_argument("--min-keep", type=int, help="experts every layer keeps (default: the router's top_k)")
+
+    m = p.add_argument_group("method")
+    m.add_argument("--allocation", default=AUTO, choices=[AUTO, *ALLOCATIONS.names()],
+                   help=_choices(ALLOCATIONS, AUTO_ALLOCATION_HELP) + " (default auto; vision units: tod)")
+    m.add_argument("--removal", default=None, choices=REMOVAL_SIGNALS.names(),
+                   help=_choices(REMOVAL_SIGNALS) + " (default reap for experts, wasserstein for vision; "
+                        "auto tries every signal but random)")
+    m.add_argument("--protection", default="taylor", choices=PROTECTION_SIGNALS.names(),
+                   help=_choices(PROTECTION_SIGNALS))
+    m.add_argument("--compensate", default=AUTO, choices=[AUTO, *COMPENSATIONS.names()],
+                   help=_choices(COMPENSATIONS, AUTO_COMPENSATION_HELP) + " (default auto)")
+
+    r = p.add_argument_group("reuse and runtime")
+    r.add_argument("--scores", type=Path, help="fair_moe_scores.safetensors from an earlier run: no calibration")
+    r.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = the checkpoint's, but float32 on CPU for half-precision checkpoints. "
+                        "Weights are saved in the checkpoint's own dtype.")
+    r.add_argument("--device-map", help="accelerate device map for models larger than memory (e.g. auto); implies "
+                   "--layerwise and a streamed rewrite")
+    r.add_argument("--max-memory", help="per-device memory for --device-map, e.g. 'cpu=8GiB' or '0=20GiB,cpu=64GiB'")
+    r.add_argument("--offload-folder", type=Path, help="where --device-map offloads weights that do not fit")
+    r.add_argument("--layerwise", action="store_true",
+                   help="calibrate with per-layer recomputation: activation memory of one decoder layer")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own Python code (auto_map) to run; off by default")
+    r.add_argument("--ppl-file", type=Path, action="append", default=[],
+                   help="text file(s) to report dense vs. pruned perplexity on")
+
+    s = p.add_argument_group("safety")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--dry-run", action="store_true", help="validate model and budget, print the layout; no calibration")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the written checkpoint and comparing it with the masked original")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--no-stream", action="store_true",
+                   help="slice the loaded model and save_pretrained it instead of streaming a local checkpoint's "
+                        "safetensors shard by shard")
+
+    h = p.add_argument_group("share")
+    h.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload --out to this Hub repo once it is complete and verified")
+    h.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> PruneSettings:
+    """The one place an argparse namespace becomes typed settings."""
+    units = args.units or ("neurons" if args.calib_images is not None else "experts")
+    return PruneSettings(
+        model=args.model,
+        budgets=Budget.parse(args.budget, args.tolerance),
+        calibration=CalibrationSettings(
+            files=tuple(args.calib_file), dataset=args.calib_dataset,
+            dataset_configs=tuple(args.calib_config.split(",")) if args.calib_config else (None,),
+            split=args.calib_split, text_field=args.text_field, images=args.calib_images, samples=args.samples,
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
+        method=MethodSettings(units=units, allocation=args.allocation, removal=args.removal,
+                              protection=args.protection, compensation=args.compensate, min_keep=args.min_keep),
+        runtime=RuntimeSettings(device=args.device, dtype=args.dtype, device_map=args.device_map,
+                                max_memory=args.max_memory, offload_folder=args.offload_folder,
+                                layerwise=args.layerwise, trust_remote_code=args.trust_remote_code,
+                                progress=not args.quiet),
+        output=OutputSettings(out=args.out, overwrite=args.overwrite, verify=not args.no_verify,
+                              stream=not args.no_stream, dry_run=args.dry_run, ppl_files=tuple(args.ppl_file),
+                              push_to_hub=args.push_to_hub, private=args.private),
+        scores=args.scores,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_models:
+        from fair_moe.adapters import supported_model_types
+
+        print("\n".join(supported_model_types()))
+        return 0
+
+    def run() -> None:
+        from fair_moe.workflow.prune import run_prune
+        from fair_moe.workflow.report import Console
+
+        run_prune(settings_from_args(args), Console(quiet=args.quiet))
+
+    return run_command(run)

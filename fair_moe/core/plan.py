@@ -1,0 +1,131 @@
+"""``PrunePlan``: the one object passed from allocation to rewriting, saved as fair_moe_plan.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fair_moe.core.errors import FairMoeError
+
+PLAN_FILE = "fair_moe_plan.json"
+# Before 0.2 a compensation's per-layer table was saved under a name of its own.
+_LEGACY_TABLES = ("scales", "temperatures", "merges")
+
+
+@dataclass
+class CompensationRecord:
+    """What a compensation changes, per layer (``per_layer``: decoder layer → its parameters), and how it was
+    fitted (``fit``: windows, losses, steps). Which strategy reads it is ``kind`` (its CLI name)."""
+
+    kind: str
+    per_layer: dict[int, Any]
+    fit: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "per_layer": {str(k): v for k, v in sorted(self.per_layer.items())}, **self.fit}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CompensationRecord:
+        data = dict(data)
+        kind = data.pop("kind")
+        table = data.pop("per_layer", None)
+        for legacy in _LEGACY_TABLES:
+            if table is None and legacy in data:
+                table = data.pop(legacy)
+        return cls(kind, {int(k): v for k, v in (table or {}).items()}, data)
+
+
+@dataclass
+class PrunePlan:
+    """Kept unit ids per layer (layer index → sorted original ids) and how they were chosen.
+
+    ``unit`` is the unit kind (``experts``, ``neurons``, ``heads``) and ``width`` the units every layer had.
+    ``settings`` records the method (allocation, removal, protection, budget or tolerance, calibration);
+    ``alpha`` is α* for ToD plans (None otherwise); ``top_k`` is the router's top_k (experts only).
+    """
+
+    model_type: str
+    unit: str
+    width: int
+    kept: dict[int, list[int]]
+    settings: dict = field(default_factory=dict)
+    alpha: float | None = None
+    base_model: str | None = None
+    compensation: CompensationRecord | None = None
+    top_k: int | None = None
+
+    @property
+    def kept_counts(self) -> dict[int, int]:
+        return {layer: len(ids) for layer, ids in sorted(self.kept.items())}
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.kept_counts.values())) <= 1
+
+    @property
+    def removed_total(self) -> int:
+        return sum(self.width - n for n in self.kept_counts.values())
+
+    def removed(self, layer: int) -> list[int]:
+        """Removed unit ids of one layer, ascending."""
+        return sorted(set(range(self.width)) - set(self.kept[layer]))
+
+    def to_json(self) -> str:
+        from fair_moe import __version__
+
+        kept = {str(k): sorted(v) for k, v in sorted(self.kept.items())}
+        data: dict[str, Any] = {
+            "model_type": self.model_type,
+            "unit": self.unit,
+            "settings": self.settings,
+            "alpha": self.alpha,
+            "base_model": self.base_model,
+            "compensation": None if self.compensation is None else self.compensation.to_json(),
+            "kept_counts": {str(k): v for k, v in self.kept_counts.items()},
+            "removed_total": self.removed_total,
+            "fair_moe_version": __version__,
+        }
+        if self.unit == "experts":  # the names users of the expert pruner read
+            data.update(kept_experts=kept, num_experts=self.width, top_k=self.top_k)
+        else:
+            data.update(kept_units=kept, width=self.width)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / PLAN_FILE).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> PrunePlan:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FairMoeError(f"cannot read plan {path}: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FairMoeError(f"{path} is not a fair_moe plan ({err.__class__.__name__}: {err})") from err
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunePlan:
+        experts = "kept_experts" in data
+        unit = data.get("unit", "experts")
+        if unit == "units":  # written before 0.2 by the vision path
+            unit = "heads" if (data.get("settings") or {}).get("units") == "heads" else "neurons"
+        kept = data["kept_experts"] if experts else data["kept_units"]
+        compensation = data.get("compensation")
+        return cls(
+            model_type=data["model_type"],
+            unit=unit,
+            width=int(data["num_experts"] if "num_experts" in data else data["width"]),
+            kept={int(k): [int(i) for i in v] for k, v in kept.items()},
+            settings=data.get("settings", {}),
+            alpha=data.get("alpha"),
+            base_model=data.get("base_model"),
+            compensation=None if not compensation else CompensationRecord.from_json(compensation),
+            top_k=data.get("top_k") if experts else None,
+        )

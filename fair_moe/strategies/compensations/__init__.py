@@ -1,0 +1,10 @@
+"""Compensations; every module here registers one. Import order = ``--compensate`` choices."""
+
+from importlib import import_module
+
+from fair_moe.strategies.compensations.base import COMPENSATIONS, Compensation, forward_all
+
+for _module in ("none", "layer_scale", "router_temperature", "merge"):
+    import_module(f"{__name__}.{_module}")
+
+__all__ = ["COMPENSATIONS", "Compensation", "forward_all"]

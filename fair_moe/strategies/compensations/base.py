@@ -1,0 +1,103 @@
+"""Compensations: what is changed in the kept weights so that the pruned model follows the dense one.
+
+A compensation is registered once under its ``--compensate`` name and provides everything the rest
+needs: ``fit`` (on calibration windows, recorded in the plan as a ``CompensationRecord``), ``reference``
+(the masked original with the compensation applied, which the written checkpoint must equal), ``fold``
+(into the weights of the loaded model, before slicing) and ``transform`` (the same change applied key by
+key while streaming, on each source tensor before slicing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fair_moe.core.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from fair_moe.adapters.base import CheckpointKey
+    from fair_moe.core.plan import CompensationRecord
+
+Transform = Callable[["CheckpointKey", "Tensor"], "Tensor"]
+
+
+class Compensation:
+    """One compensation. Class attributes are the facts the rest of fair_moe reads."""
+
+    name: str
+    description: str  # one line for --help and the docs
+    changes: str  # what it does to the weights, for the model card ("… multiplied by a per-layer scale")
+    streamable: bool = True  # whether ``transform`` can apply it key by key while streaming
+    auto_candidate: bool = False  # whether --compensate auto considers it
+
+    def fit(self, model: nn.Module, kept: dict[int, list[int]], windows: Tensor, batch_size: int
+            ) -> CompensationRecord | None:
+        """Fit on ``windows [n, S]`` of calibration text; None when there is nothing to change."""
+        return None
+
+    def reference(self, model: nn.Module, record: CompensationRecord) -> contextlib.AbstractContextManager:
+        """Inside the block the original model behaves as if the compensation were folded in (entered before
+        the masking, so that hooks on a router run before the mask recomputes its routing)."""
+        return contextlib.nullcontext()
+
+    def fold(self, model: nn.Module, record: CompensationRecord) -> None:
+        """Apply the compensation to the loaded (unsliced) model's weights, in place."""
+
+    def transform(self, model: nn.Module, record: CompensationRecord) -> Transform | None:
+        """The same change for a streamed checkpoint of ``model``: ``f(key, source tensor) -> tensor``."""
+        return None
+
+    def summary(self, record: CompensationRecord) -> str:
+        """One line for the console and the model card."""
+        values = ", ".join(f"{layer}: {value:.4g}" if isinstance(value, float) else f"{layer}: {value}"
+                           for layer, value in sorted(record.per_layer.items()))
+        return f"{self.name}: {values}"
+
+
+COMPENSATIONS: Registry[Compensation] = Registry("compensation", "--compensate")
+
+
+def forward_all(model: nn.Module, input_ids: Tensor, batch_size: int) -> None:
+    """Run the model over ``input_ids [n, seq]`` in batches, outputs discarded (taps keep what they need)."""
+    from fair_moe.metrics import execution_device
+
+    device = execution_device(model)
+    for i in range(0, len(input_ids), batch_size):
+        model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+
+
+def scale_in_place(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, str], bool]) -> None:
+    """Multiply, in place, every direct parameter of layer l's ``part`` ("router" or "experts") that
+    ``chosen(adapter, name)`` picks by ``factors[l]``."""
+    import torch
+
+    from fair_moe.adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    with torch.no_grad():
+        for layer in adapter.moe_layers(model):
+            if layer.index not in factors:
+                continue
+            module = layer.router if part == "router" else layer.experts
+            for name, tensor in module.named_parameters(recurse=False):
+                if chosen(adapter, name):
+                    tensor.mul_(float(factors[layer.index]))
+
+
+def scaling_transform(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, str], bool]) -> Transform:
+    """The streaming form of ``scale_in_place``: ``f(key, tensor)`` multiplies the picked tensors of layer l's
+    ``part`` by ``factors[l]`` in float32 and casts back to the tensor's dtype."""
+    from fair_moe.adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    factors = {int(k): float(v) for k, v in factors.items()}
+
+    def transform(ref, tensor):
+        if ref.part != part or ref.layer not in factors or not chosen(adapter, ref.name):
+            return tensor
+        return (tensor.float() * factors[ref.layer]).to(tensor.dtype)
+
+    return transform

@@ -1,0 +1,111 @@
+"""What a unit kind provides (after Torch-Pruning's split of *what* is pruned from *how* it is chosen).
+
+A unit kind knows where its units live in a model and everything that follows from that: the layout a
+budget is checked against, one calibration pass that measures every unit (``SignalStatistics``), the
+masked reference the pruned model must equal, slicing in memory, the modeling file for uneven plans,
+and the probe used to verify a written checkpoint. Allocation, the writer, the verifier and the model
+card are shared by every kind.
+
+Kind modules import torch only inside methods, so that listing the kinds for ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fair_moe.core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fair_moe.calibration import CalibrationBatches
+    from fair_moe.core.budget import UnitLayout
+    from fair_moe.core.plan import PrunePlan
+    from fair_moe.core.statistics import SignalStatistics
+
+
+class UnitKind(ABC):
+    """One kind of prunable unit. Class attributes are the facts the rest of fair_moe reads."""
+
+    name: str  # the --units value
+    measures: tuple[str, ...]  # the SignalStatistics fields its calibration fills (which signals it offers)
+    description: str  # one line for --help and the docs
+    noun: str  # what the card and messages call the units ("routed experts")
+    data: str  # the calibration data it takes: "text" or "images"
+    auto_class: str  # transformers Auto class that loads the model
+    processor_class: str  # transformers Auto class of the tokenizer / image processor
+    pipeline_tag: str  # Hub pipeline tag of the pruned model
+    card_tags: tuple[str, ...] = ()  # Hub tags beside "pruned" and "fair-moe"
+    removal_means: str  # how the reference treats a removed unit, for the model card
+    default_removal: str  # removal signal when --removal is not given
+    default_allocation: str  # allocation when --allocation is left at auto and the kind has no model-judged auto
+    takes_compensation: bool = False  # whether compensations (which need routing) apply
+    streamable: bool = False  # whether the checkpoint can be rewritten shard by shard
+    exact_tolerance: float = 1e-3  # largest |Δoutput| a float32 round trip may show
+
+    @abstractmethod
+    def check_config(self, config) -> None:
+        """A FairMoeError when this kind does not apply to the model (says what was looked for)."""
+
+    @abstractmethod
+    def layout(self, config) -> UnitLayout:
+        """Layers, width and the least a layer may keep, from the config alone."""
+
+    @abstractmethod
+    def collect(self, model: nn.Module, data: CalibrationBatches, seed: int, layerwise: bool,
+                progress: bool) -> SignalStatistics:
+        """One calibration pass measuring every unit."""
+
+    @abstractmethod
+    def masked(self, model: nn.Module, kept: dict[int, list[int]]) -> contextlib.AbstractContextManager:
+        """The reference inside the block: the model with every unit not in ``kept`` removed, computed on the
+        original weights (restored on exit)."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, plan: PrunePlan) -> None:
+        """Slice the model in place to the plan and update its config."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, folder: Path, processor: Any, dtype: torch.dtype | None) -> None:
+        """Write a sliced model (weights, config, processor, modeling file for uneven plans)."""
+
+    @abstractmethod
+    def probe(self, model: nn.Module, data: CalibrationBatches | None) -> dict:
+        """Inputs on which a written checkpoint is compared with the reference."""
+
+    def outputs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The model's logits on ``inputs``, float32 on the CPU."""
+        import torch
+
+        from fair_moe.metrics import execution_device
+
+        device = execution_device(model)
+        with torch.no_grad():
+            out = model(**{k: v.to(device) for k, v in inputs.items()}, **self.forward_kwargs)
+        return out.logits.float().cpu()
+
+    forward_kwargs: dict = {}
+
+    def verify_saved(self, folder: Path, plan: PrunePlan, config) -> None:  # noqa: B027 - optional check
+        """Checks of the written files beyond the reload (key counts); none by default."""
+
+    def stream(self, model: nn.Module, plan: PrunePlan, source: Path, folder: Path, transform, save_dtype,
+               progress: bool, max_shard_bytes: int = 2 * 2**30) -> dict:
+        """Rewrite a local checkpoint shard by shard (kinds with ``streamable``)."""
+        raise NotImplementedError(f"{self.name} checkpoints are rewritten in memory")
+
+    def summary_line(self, config, layout: UnitLayout) -> str:
+        """One line saying what the model holds, printed before any work."""
+        return f"model_type {config.model_type}: {layout.num_layers} layers × {layout.width} {self.noun}"
+
+    def describe(self, config, layout: UnitLayout, budgets: tuple, dtype, batch_tokens: int,
+                 trust_remote_code: bool) -> list[str]:
+        """``--dry-run``'s layout and size report beyond the summary line (nothing by default)."""
+        return []
+
+
+UNIT_KINDS: Registry[UnitKind] = Registry("unit kind", "--units")

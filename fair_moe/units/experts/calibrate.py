@@ -1,0 +1,164 @@
+"""One calibration pass over a MoE model that measures every routed expert (``SignalStatistics``).
+
+The experts module of each MoE layer is temporarily given a forward that calls the module's own
+forward once, on every (token, chosen expert) pair as its own row with that expert alone at weight 1,
+so it returns f_e(x) for exactly the tokens the router sent to each expert (the same rows and FLOPs as
+the stock call, through the module's own kernel), and then combines ``f_e(x) · g`` as the stock module
+does. Nothing runs an expert on a token it was not routed to; the routing used is the model's own
+top-k ids and weights (selection biases and group limits included).
+
+The Taylor sum needs ∂L/∂y only: a gradient hook on f_e(x) sees g · ∂L/∂y, so ⟨hook grad, f_e(x)⟩
+summed over tokens is Σ_t ⟨∂L/∂y_t, g_t f_e(x_t)⟩ = Σ (∂L/∂W_down ⊙ W_down). Parameters are frozen
+during the pass; the embedding output is made to require grad instead, so no parameter gradient is
+ever stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fair_moe.adapters.base import MoELayer
+from fair_moe.core.statistics import SignalStatistics
+from fair_moe.metrics import execution_device
+from fair_moe.units.autograd import activation_gradients_only
+from fair_moe.units.experts.routing import expert_outputs, patched_forward, routed_pairs
+
+
+class LayerAccumulator:
+    """Running sums for one layer, all float64 [E]; per-class routed values for the class distributions."""
+
+    def __init__(self, num_experts: int, num_classes: int):
+        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.output_norm = torch.zeros(num_experts, dtype=torch.float64)
+        self.gated_norm = torch.zeros(num_experts, dtype=torch.float64)
+        self.taylor = torch.zeros(num_experts, dtype=torch.float64)
+        self.class_values: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_classes)]
+
+    def update(self, experts: torch.Tensor, klass: int, weights: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Record routed pairs: expert ids [P], weights g [P], outputs f_e(x) [P, H]."""
+        experts = experts.cpu()
+        norms = outputs.detach().double().norm(dim=-1).cpu()
+        gated = weights.detach().double().cpu() * norms
+        self.count.index_add_(0, experts, torch.ones_like(norms))
+        self.output_norm.index_add_(0, experts, norms)
+        self.gated_norm.index_add_(0, experts, gated)
+        self.class_values[klass].append((experts, gated.float()))
+
+    def add_taylor(self, experts: torch.Tensor, grad: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Σ over pairs of ⟨∂L/∂f, f⟩ per expert; grad and outputs [P, H]."""
+        dots = (grad.double() * outputs.detach().double()).sum(dim=-1).cpu()
+        self.taylor.index_add_(0, experts.cpu(), dots)
+
+    def class_samples(self, class_tokens: list[int]) -> list[torch.Tensor]:
+        """Per class, the per-token value g·‖f‖ of every expert [tokens_c, E] (0 where not routed).
+
+        The order inside a column does not matter to a distribution, so routed values fill each column
+        from the top and the rest stays 0.
+        """
+        num_experts = self.count.shape[0]
+        samples = []
+        for klass, chunks in enumerate(self.class_values):
+            dense = torch.zeros(class_tokens[klass], num_experts, dtype=torch.float64)
+            if chunks:
+                experts = torch.cat([e for e, _ in chunks])
+                values = torch.cat([v for _, v in chunks]).double()
+                order = torch.sort(experts, stable=True).indices
+                experts, values = experts[order], values[order]
+                counts = torch.bincount(experts, minlength=num_experts)
+                starts = torch.cumsum(counts, 0) - counts
+                rows = torch.arange(len(experts)) - starts[experts]
+                dense[rows, experts] = values
+            samples.append(dense)
+        return samples
+
+
+class SignalCollector:
+    """Collects per-expert sums over calibration batches for the given MoE layers.
+
+    Set ``current_class`` before each batch (the calibration source the batch came from) and add the
+    batch's token count to ``class_tokens[c]``.
+    """
+
+    def __init__(self, layers: list[MoELayer], num_classes: int):
+        self.layers = layers
+        self.num_classes = num_classes
+        self.acc = [LayerAccumulator(layer.num_experts, num_classes) for layer in layers]
+        self.class_tokens = [0] * num_classes
+        self.current_class = 0
+
+    @contextlib.contextmanager
+    def instrument(self) -> Iterator[None]:
+        """Patch every experts module for the duration of the block; always restored."""
+        with contextlib.ExitStack() as stack:
+            for layer, acc in zip(self.layers, self.acc, strict=True):
+                stack.enter_context(patched_forward(layer.experts, self._instrumented_forward(layer.experts, acc)))
+            yield
+
+    def _instrumented_forward(self, experts: nn.Module, acc: LayerAccumulator):
+        original = experts.forward
+        collector = self
+
+        def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            # hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]; one row per routed pair below
+            token, chosen, valid = routed_pairs(top_k_index, acc.count.shape[0])
+            weights = top_k_weights.reshape(-1)[valid]
+            outputs = expert_outputs(lambda h, i, w: original(h, i, w, *args, **kwargs), hidden_states, token,
+                                     chosen, top_k_weights.dtype)  # [P, H]
+            final = torch.zeros_like(hidden_states)
+            final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
+            acc.update(chosen, collector.current_class, weights, outputs)
+            if outputs.requires_grad:
+                # The hook holds a detached view, not ``outputs`` itself: a tensor whose own hook refers back
+                # to it forms a reference cycle that keeps every batch's autograd graph alive until gc runs.
+                outputs.register_hook(_taylor_hook(acc, chosen, outputs.detach()))
+            return final
+
+        return forward
+
+    def statistics(self, seed: int, tokens: int) -> SignalStatistics:
+        """The sums as [L, E] tensors; class samples are built per layer on demand."""
+        rows = [layer.index for layer in self.layers]
+        has_classes = self.num_classes >= 2 and all(self.class_tokens)
+        return SignalStatistics(
+            layer_indices=rows,
+            taylor=torch.stack([a.taylor for a in self.acc]),
+            num_classes=self.num_classes,
+            seed=seed,
+            tokens=tokens,
+            count=torch.stack([a.count for a in self.acc]),
+            output_norm=torch.stack([a.output_norm for a in self.acc]),
+            gated_norm=torch.stack([a.gated_norm for a in self.acc]),
+            class_samples=(lambda row: self.acc[row].class_samples(self.class_tokens)) if has_classes else None,
+        )
+
+
+def _taylor_hook(acc: LayerAccumulator, experts: torch.Tensor, outputs: torch.Tensor):
+    held = [outputs]  # released once used, so a graph kept alive elsewhere does not pin the activations
+
+    def hook(grad: torch.Tensor) -> None:
+        acc.add_taylor(experts, grad, held.pop())
+
+    return hook
+
+
+def run_calibration(model: nn.Module, layers: list[MoELayer], batches: list[tuple[int, torch.Tensor]],
+                    num_classes: int, seed: int, progress: bool = True) -> SignalStatistics:
+    """Forward + backward over ``batches`` ([(class id, input_ids [B, S])]) collecting every sum."""
+    collector = SignalCollector(layers, num_classes)
+    device = execution_device(model)
+    tokens = 0
+    with activation_gradients_only(model), collector.instrument():
+        for klass, input_ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            collector.current_class = klass
+            collector.class_tokens[klass] += input_ids.numel()
+            tokens += input_ids.numel()
+            input_ids = input_ids.to(device)
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False, output_router_logits=False).loss
+            loss.backward()
+            del loss  # the output object would keep this batch's graph (and logits) alive into the next one
+    return collector.statistics(seed, tokens)

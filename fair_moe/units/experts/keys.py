@@ -1,0 +1,73 @@
+"""What each key of a MoE checkpoint becomes when streamed through a plan (rules of METHOD.md §4).
+
+The adapter says what a key is (router rows, a per-expert tensor, a fused expert tensor); then:
+
+- per-expert keys ``….experts.<j>.…`` of a planned layer: dropped when j was removed, renumbered otherwise
+  (kept experts keep their relative order);
+- fused expert tensors (expert axis first): sliced along it;
+- router tensors whose first axis is the expert count: rows sliced.
+
+A compensation's ``transform(key, tensor)`` sees each of these source tensors whole, before slicing, with
+the original expert ids. Every MoE layer of the plan must have its router found and its experts sliced to
+the planned count; anything else is an error (and the writer also reloads the result and compares it with
+the masked original, so a layout these rules do not cover cannot slip through).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from fair_moe.adapters.base import CheckpointKey, FusedExpertsAdapter
+from fair_moe.core.errors import FairMoeError
+from fair_moe.core.plan import PrunePlan
+
+Transform = Callable[[CheckpointKey, torch.Tensor], torch.Tensor]
+
+
+class ExpertKeyRewriter:
+    """Decides, key by key, what a source tensor becomes in the pruned checkpoint."""
+
+    def __init__(self, plan: PrunePlan, adapter: FusedExpertsAdapter, transform: Transform | None = None):
+        self.plan = plan
+        self.adapter = adapter
+        self.transform = transform or (lambda ref, tensor: tensor)
+        self.kept = {layer: sorted(ids) for layer, ids in plan.kept.items()}
+        self.new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in self.kept.items()}
+        self.routers_seen: dict[int, int] = defaultdict(int)
+        self.experts_seen: dict[int, set[int]] = defaultdict(set)
+        self.fused_seen: dict[int, int] = defaultdict(int)
+
+    def __call__(self, key: str, load: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+        """(new key, tensor) or None to drop; ``load()`` reads the source tensor only when needed."""
+        ref = self.adapter.classify_key(key)
+        if ref is None or ref.layer not in self.kept:
+            return key, load()
+        layer = ref.layer
+        if ref.part == "experts" and ref.expert is not None:
+            if ref.expert not in self.new_id[layer]:
+                return None
+            self.experts_seen[layer].add(ref.expert)
+            return ref.renumbered(self.new_id[layer][ref.expert]), self.transform(ref, load())
+        tensor = load()
+        keep = torch.tensor(self.kept[layer])
+        if ref.part == "experts":
+            if tensor.shape[0] != self.plan.width:
+                raise FairMoeError(f"fused expert tensor {key} has first dimension {tensor.shape[0]}, "
+                                   f"not the expert count {self.plan.width}")
+            self.fused_seen[layer] += 1
+            return key, self.transform(ref, tensor).index_select(0, keep)
+        if tensor.shape[0] != self.plan.width:
+            return key, tensor
+        self.routers_seen[layer] += 1
+        return key, self.transform(ref, tensor).index_select(0, keep)
+
+    def check_complete(self) -> None:
+        for layer, kept in self.kept.items():
+            if not self.routers_seen[layer]:
+                raise FairMoeError(f"no router weight found for MoE layer {layer} in the source checkpoint")
+            if not self.fused_seen[layer] and self.experts_seen[layer] != set(kept):
+                raise FairMoeError(f"layer {layer}: found experts {sorted(self.experts_seen[layer])} in the source "
+                                   f"checkpoint, the plan keeps {kept}")

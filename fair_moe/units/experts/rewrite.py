@@ -1,0 +1,145 @@
+"""Checkpoint surgery in memory: slice the removed experts out and save a loadable checkpoint (METHOD.md §4).
+
+Router rows (and router bias / selection bias) and every per-expert tensor are sliced along the
+expert dimension, kept experts in their original relative order. A plan with one count everywhere
+gives the stock architecture with the count field updated; different counts per layer add
+``fair_moe_experts_per_layer`` to the config and a modeling file registered through ``auto_map``.
+Compensations are folded by their own strategy before slicing; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from fair_moe.adapters import get_adapter
+from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.core.errors import FairMoeError
+from fair_moe.core.plan import PrunePlan
+from fair_moe.units.experts import modeling_template
+
+MODELING_FILE = "modeling_fair_moe.py"
+
+
+def _slice_module(module: nn.Module, names: list[str], keep: torch.Tensor) -> None:
+    for name in names:
+        if name in module._parameters:
+            old = module._parameters[name]
+            new = old.detach().index_select(0, keep.to(old.device)).clone()
+            module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            old = module._buffers[name]
+            module._buffers[name] = old.index_select(0, keep.to(old.device)).clone()
+
+
+def check_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """The plan must name every MoE layer of this model with valid, distinct ids and ≥ top_k kept."""
+    adapter = get_adapter(model.config)
+    layers = {layer.index: layer for layer in adapter.moe_layers(model)}
+    if set(plan.kept) != set(layers):
+        raise FairMoeError(f"plan layers {sorted(plan.kept)} do not match the model's MoE layers {sorted(layers)}")
+    for index, kept in plan.kept.items():
+        layer = layers[index]
+        if len(set(kept)) != len(kept) or not all(0 <= e < layer.num_experts for e in kept):
+            raise FairMoeError(f"plan layer {index}: kept ids must be distinct and in [0, {layer.num_experts})")
+        if len(kept) < layer.top_k:
+            raise FairMoeError(
+                f"plan layer {index} keeps {len(kept)} experts, fewer than the router's top_k={layer.top_k}"
+            )
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Slice ``model`` in place to the plan and update its config. Returns the same model."""
+    check_plan(model, plan)
+    adapter = get_adapter(model.config)
+    layout = layout_of(model)
+    per_layer_config = not plan.is_uniform
+    for layer in adapter.moe_layers(model):
+        kept = sorted(plan.kept[layer.index])
+        keep = torch.tensor(kept, dtype=torch.long)
+        for module, names in ((layer.router, layout["router_tensors"]), (layer.experts, layout["experts_tensors"])):
+            _slice_module(module, names, keep)
+            for attr in adapter.count_attributes:
+                if hasattr(module, attr):
+                    setattr(module, attr, len(kept))
+            if per_layer_config and getattr(module, "config", None) is model.config:
+                module.config = copy.copy(model.config)
+                adapter.set_count(module.config, len(kept))
+    for attr in adapter.count_attributes:
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, max(plan.kept_counts.values()))
+    update_config(model.config, plan, layout)
+    return model
+
+
+def update_config(config, plan: PrunePlan, layout: dict) -> None:
+    """Expert count field = the largest kept count; uneven plans add per-layer counts, layout and auto_map."""
+    adapter = get_adapter(config)
+    counts = plan.kept_counts
+    adapter.set_count(config, max(counts.values()))
+    if not plan.is_uniform:
+        config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
+        config.fair_moe_layout = layout
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+
+
+def layout_of(model: nn.Module) -> dict:
+    """Module names and per-expert tensor names the per-layer modeling file needs (read from the first MoE
+    layer, whose expert count is the config's count until ``update_config`` changes it)."""
+    adapter = get_adapter(model.config)
+    return _layout(adapter, model, adapter.num_experts(model.config))
+
+
+def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) -> dict:
+    first = adapter.moe_layers(model)[0]
+    return {
+        "layers_path": adapter.layers_path,
+        "block_attr": adapter.block_attr,
+        "router_attr": adapter.router_attr,
+        "experts_attr": adapter.experts_attr,
+        "router_tensors": adapter.router_tensor_names(first.router, num_experts),
+        "experts_tensors": adapter.expert_tensor_names(first.experts, num_experts),
+        "count_attributes": list(adapter.count_attributes),
+        "count_field": adapter.count_field,
+    }
+
+
+def modeling_source(model: nn.Module | type) -> str:
+    """The per-layer modeling file, its base class pointed at the model's own transformers class."""
+    source = inspect.getsource(modeling_template)
+    cls = model if isinstance(model, type) else type(model)
+    if getattr(cls, "__module__", "").endswith("modeling_fair_moe"):
+        cls = cls.__mro__[1]  # re-pruning a non-uniform checkpoint: point at the stock class again
+    line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"
+    return re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, source, count=1, flags=re.M)
+
+
+def save_pruned(model: nn.Module, folder: Path, dtype: torch.dtype | None = None, tokenizer=None) -> None:
+    """Write weights, config, generation config, tokenizer and (non-uniform) the modeling file."""
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if getattr(model.config, "fair_moe_experts_per_layer", None):
+        (Path(folder) / MODELING_FILE).write_text(modeling_source(model))
+
+
+def verify_expert_keys(folder: Path, plan: PrunePlan, adapter: FusedExpertsAdapter) -> None:
+    """Every saved layer holds exactly the planned number of experts, numbered 0 … n−1."""
+    keys = []
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            keys.extend(f.keys())
+    found = adapter.saved_expert_ids(keys)
+    for layer, count in plan.kept_counts.items():
+        ids = found.get(layer)
+        if ids is not None and ids != set(range(count)):
+            raise FairMoeError(f"the written checkpoint's layer {layer} holds experts {sorted(ids)}, expected "
+                               f"0..{count - 1}: nothing was written to --out")

@@ -1,0 +1,188 @@
+"""The prune workflow: validate → load → score → plan → compensate → write → verify → report.
+
+``run_prune(settings)`` is what ``python -m fair_moe.prune`` runs; every step is also usable on its own
+(``fair_moe.workflow.api``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fair_moe.checkpoint.atomic import write_atomically
+from fair_moe.checkpoint.loading import (
+    checkpoint_dtype,
+    load_config,
+    load_model,
+    load_processor,
+    resolve_device,
+    resolve_dtype,
+)
+from fair_moe.checkpoint.stream import streamable_source
+from fair_moe.core.budget import Budget, UnitLayout
+from fair_moe.core.errors import FairMoeError
+from fair_moe.core.plan import PrunePlan
+from fair_moe.core.scores import Scores
+from fair_moe.strategies import AUTO
+from fair_moe.strategies.planning import make_plan
+from fair_moe.strategies.selection import decide_compensation, select_plan
+from fair_moe.units import UnitKind
+from fair_moe.workflow.report import Console
+from fair_moe.workflow.scoring import calibration_data, check_scores_fit, score, text_sources
+from fair_moe.workflow.settings import PruneSettings
+from fair_moe.workflow.writing import WriteOptions, streams, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """What a run produced: one plan and one output folder per budget, and dense / pruned perplexities."""
+
+    plans: list[PrunePlan] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+    perplexity: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneResult:
+    console = console or Console()
+    unit = settings.validate()
+    runtime, output, method = settings.runtime, settings.output, settings.method
+    config = load_config(settings.model, runtime.trust_remote_code)
+    unit.check_config(config)
+    layout = unit.layout(config)
+    check_budgets(layout, settings.budgets, method.min_keep)
+    console.line(unit.summary_line(config, layout))
+    for budget in settings.budgets:
+        console.line(budget_line(unit, layout, budget, method.allocation_for(unit)))
+    if output.dry_run:
+        batch_tokens = settings.calibration.batch_size * settings.calibration.seq_len
+        for line in unit.describe(config, layout, settings.budgets, checkpoint_dtype(config), batch_tokens,
+                                  runtime.trust_remote_code):
+            console.line(line)
+        return PruneResult()
+    if settings.model.endswith(".json"):
+        raise FairMoeError(
+            f"--model {settings.model} is a bare config: it has no weights to prune; use it with --dry-run"
+        )
+
+    scores = Scores.load(settings.scores) if settings.scores else None
+    if scores is not None:
+        check_scores_fit(scores, unit, config, path=settings.scores)
+    sources = text_sources(settings.calibration) if scores is None and unit.data == "text" else None
+    if sources is not None and method.removal_for(unit) == "wasserstein" and len(sources) < 2:
+        raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
+                           "or several comma-separated --calib-config values")
+    placement = runtime.placement()
+    source = None if not output.stream else streamable_source(settings.model)
+    if placement and source is None:
+        raise FairMoeError("--device-map needs the streamed rewrite: pass a local safetensors checkpoint folder as "
+                           "--model and drop --no-stream")
+
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, config, device)
+    processor = load_processor(settings.model, unit.processor_class, runtime.trust_remote_code)
+    model = load_model(settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+    data = None
+    if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
+        data = calibration_data(unit, processor, settings.calibration, sources)
+    if scores is None:
+        scores = score(model, unit, data, settings.calibration.seed, runtime.layerwise or bool(placement),
+                       runtime.progress)
+    else:
+        check_scores_fit(scores, unit, config, model, settings.scores)
+
+    plans = [plan_for(model, unit, scores, budget, settings) for budget in settings.budgets]
+    for plan in plans:
+        console.plan(plan)
+    ppl_ids = [_ppl_ids(processor, path) for path in output.ppl_files]
+    result = PruneResult(plans=plans)
+    if ppl_ids:
+        from fair_moe.metrics import perplexity
+
+        seq_len = settings.calibration.seq_len
+        result.perplexity["dense"] = [perplexity(model, ids, seq_len, progress=runtime.progress) for ids in ppl_ids]
+
+    options = WriteOptions(save_dtype=checkpoint_dtype(config), source=source, verify=output.verify,
+                           placement=placement or None, progress=runtime.progress,
+                           trust_remote_code=runtime.trust_remote_code)
+    if len(plans) == 1:
+        write_atomically(output.out, lambda tmp: write_checkpoint(tmp, unit, model, processor, plans[0], scores, data,
+                                                                  options), overwrite=output.overwrite)
+        result.folders = [output.out]
+    else:
+        def write_all(tmp: Path) -> None:
+            for i, (plan, budget) in enumerate(zip(plans, settings.budgets, strict=True)):
+                # Slicing in memory consumes the model; streaming only reads it. Keep the loaded model whole
+                # for every budget but the last, and slice fresh copies instead.
+                in_memory, last = not streams(unit, plan, source), i == len(plans) - 1
+                target = model if not in_memory or last else load_model(
+                    settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+                write_checkpoint(tmp / budget.label, unit, target, processor, plan, scores, data, options)
+
+        write_atomically(output.out, write_all, overwrite=output.overwrite)
+        result.folders = [output.out / budget.label for budget in settings.budgets]
+    if ppl_ids:
+        report_perplexity(result, unit, ppl_ids, settings, dtype, device, console)
+    console.line(f"wrote {output.out}")
+    if output.push_to_hub:
+        from fair_moe.workflow.publish import push
+
+        console.line(f"pushed to {push(output.out, output.push_to_hub, output.private)}")
+    return result
+
+
+def check_budgets(layout: UnitLayout, budgets: tuple[Budget, ...], min_keep: int | None) -> None:
+    """Every budget against the model's layout (top_k, groups, --min-keep), before any weights are loaded."""
+    keep = layout.min_keep(min_keep)
+    for budget in budgets:
+        layout.total(budget, keep)
+
+
+def budget_line(unit: UnitKind, layout: UnitLayout, budget: Budget, allocation: str) -> str:
+    if budget.fraction is None:
+        return (f"tolerance α = {budget.tolerance}: {allocation} allocation decides how many {unit.noun} "
+                "each layer loses")
+    per = budget.removed_per_layer(layout.width, layout.groups)
+    return (f"budget {budget.fraction}: remove {per * layout.num_layers} {unit.noun} in total ({per} per layer under "
+            f"uniform allocation; {allocation} allocation decides the split)")
+
+
+def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings) -> PrunePlan:
+    """One budget's plan: allocation (auto: selected on the model), then its compensation."""
+    method, batch_size = settings.method, settings.calibration.batch_size
+    allocation = method.allocation_for(unit)
+    if allocation == AUTO:
+        selection = select_plan(model, unit, scores, budget, method.compensation, method.protection,
+                                method.min_keep, settings.model, batch_size, settings.runtime.progress)
+        plan, settled = selection.plan, selection.compensation_settled
+    else:
+        plan = make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,
+                         settings.model)
+        settled = False
+    if not settled:
+        plan = decide_compensation(model, unit, plan, scores, method.compensation, batch_size)
+    return plan
+
+
+def _ppl_ids(processor, path: Path):
+    from fair_moe.calibration.text import token_stream
+
+    return token_stream(processor, [Path(path).read_text(encoding="utf-8")])
+
+
+def report_perplexity(result: PruneResult, unit: UnitKind, ppl_ids: list, settings: PruneSettings, dtype, device,
+                      console: Console) -> None:
+    """Perplexity of every written checkpoint, loaded as a user would, next to the dense model's."""
+    from fair_moe.checkpoint.loading import load_model
+    from fair_moe.metrics import perplexity
+
+    seq_len, progress = settings.calibration.seq_len, settings.runtime.progress
+    for folder, plan in zip(result.folders, result.plans, strict=True):
+        pruned = load_model(str(folder), unit.auto_class, dtype, device, None,
+                            settings.runtime.trust_remote_code or not plan.is_uniform)
+        label = folder.name if len(result.folders) > 1 else "pruned"
+        result.perplexity[label] = [perplexity(pruned, ids, seq_len, progress=progress) for ids in ppl_ids]
+    console.perplexity([Path(p).name for p in settings.output.ppl_files], result.perplexity["dense"],
+                       {k: v for k, v in result.perplexity.items() if k != "dense"})

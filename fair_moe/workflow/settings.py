@@ -1,0 +1,191 @@
+"""Typed settings of a prune run: built once (by the CLI or the API), validated once, before any work.
+
+``PruneSettings.validate`` checks everything that needs no model: method names against the registries,
+the budget against the allocation rule, the output folder, calibration paths. What needs the config (the
+budget against top_k and groups) is checked next, still before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fair_moe.core.budget import Budget
+from fair_moe.core.errors import FairMoeError
+from fair_moe.strategies import ALLOCATIONS, AUTO, COMPENSATIONS, PROTECTION_SIGNALS, REMOVAL_SIGNALS
+from fair_moe.units import UNIT_KINDS, UnitKind
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where calibration data comes from and how much of it: text files (one class each), a dataset (one
+    class per config), or an image folder (one class per sub-folder); none of them → the bundled sample."""
+
+    files: tuple[Path, ...] = ()
+    dataset: str | None = None
+    dataset_configs: tuple[str | None, ...] = (None,)
+    split: str = "train"
+    text_field: str = "text"
+    images: Path | None = None
+    samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.files and self.dataset:
+            raise FairMoeError("pass --calib-file or --calib-dataset, not both")
+        if self.samples < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
+        for path in self.files:
+            if not Path(path).is_file():
+                raise FairMoeError(f"calibration file {path} does not exist: check --calib-file")
+
+    @property
+    def num_text_classes(self) -> int | None:
+        """Calibration classes known from the settings alone (None: the bundled sample or a dataset folder)."""
+        if self.files:
+            return len(self.files)
+        if self.dataset:
+            return len(self.dataset_configs)
+        return None
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """How units are chosen. ``removal`` None means the unit kind's default."""
+
+    units: str = "experts"
+    allocation: str = AUTO
+    removal: str | None = None
+    protection: str = "taylor"
+    compensation: str = AUTO
+    min_keep: int | None = None
+
+    def validate(self, budgets: tuple[Budget, ...]) -> UnitKind:
+        unit = UNIT_KINDS.get(self.units)
+        if self.allocation != AUTO:
+            ALLOCATIONS.get(self.allocation)
+        if self.compensation != AUTO:
+            COMPENSATIONS.get(self.compensation)
+        PROTECTION_SIGNALS.get(self.protection)
+        removal = REMOVAL_SIGNALS.get(self.removal_for(unit))
+        if not removal.available(unit.measures):
+            offered = REMOVAL_SIGNALS.names(lambda s: s.available(unit.measures))
+            raise FairMoeError(f"--removal {removal.name} is not available for --units {unit.name} ({unit.noun} have "
+                               f"no {', '.join(removal.requires)}): use one of {', '.join(offered)}")
+        if any(b.tolerance is not None for b in budgets):
+            rule = ALLOCATIONS.get(self.allocation_for(unit)) if self.allocation_for(unit) != AUTO else None
+            if rule is None or not rule.supports_tolerance:
+                raise FairMoeError("--tolerance sets ToD's α directly: use it with --allocation "
+                                   f"{' / '.join(ALLOCATIONS.names(lambda r: r.supports_tolerance))}, or pass --budget")
+        if self.compensation not in (AUTO, "none") and not unit.takes_compensation:
+            raise FairMoeError(f"--compensate {self.compensation} needs routed experts: use --compensate none with "
+                               f"--units {unit.name}")
+        return unit
+
+    def removal_for(self, unit: UnitKind) -> str:
+        return self.removal or unit.default_removal
+
+    def allocation_for(self, unit: UnitKind) -> str:
+        """``auto`` judges candidates on held-out text; a unit kind without it uses its own default."""
+        if self.allocation == AUTO and unit.default_allocation != AUTO:
+            return unit.default_allocation
+        return self.allocation
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how the model runs."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: Path | None = None
+    layerwise: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.device_map and (self.max_memory or self.offload_folder):
+            raise FairMoeError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+
+    def placement(self) -> dict:
+        """from_pretrained keyword arguments for accelerate placement (empty without --device-map)."""
+        from fair_moe.checkpoint.loading import parse_max_memory
+
+        if not self.device_map:
+            return {}
+        kwargs: dict = {"device_map": self.device_map}
+        if self.max_memory:
+            kwargs["max_memory"] = parse_max_memory(self.max_memory)
+        if self.offload_folder:
+            kwargs["offload_folder"] = str(self.offload_folder)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What is written and checked, and where."""
+
+    out: Path | None = None
+    overwrite: bool = False
+    verify: bool = True
+    stream: bool = True
+    dry_run: bool = False
+    ppl_files: tuple[Path, ...] = ()
+    push_to_hub: str | None = None
+    private: bool = False
+
+    def validate(self, multi_budget: bool) -> None:
+        from fair_moe.checkpoint.atomic import check_output_dir
+
+        if self.out is None and not self.dry_run:
+            raise FairMoeError("--out is required: the folder the pruned checkpoint is written to")
+        if self.out is not None:
+            check_output_dir(self.out, self.overwrite)
+        for path in self.ppl_files:
+            if not Path(path).is_file():
+                raise FairMoeError(f"--ppl-file {path} does not exist")
+        if self.push_to_hub and multi_budget:
+            raise FairMoeError("--push-to-hub takes one budget: push each OUT/budget-B folder with "
+                               "python -m fair_moe.push")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything one ``fair_moe.prune`` run needs."""
+
+    model: str
+    budgets: tuple[Budget, ...]
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    method: MethodSettings = field(default_factory=MethodSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    scores: Path | None = None
+
+    def validate(self) -> UnitKind:
+        """Every check that needs no model; returns the unit kind."""
+        if not self.model:
+            raise FairMoeError("--model is required (a checkpoint folder or Hub id)")
+        if not self.budgets:
+            raise FairMoeError("pass --budget FRACTION (e.g. 0.25) or --tolerance ALPHA")
+        unit = self.method.validate(self.budgets)
+        if unit.data == "images" and self.calibration.images is None:
+            raise FairMoeError(f"--units {unit.name} calibrates on images: pass --calib-images DIR")
+        if unit.data == "text" and self.calibration.images is not None:
+            raise FairMoeError(f"--calib-images is for vision units; --units {unit.name} calibrates on text")
+        if len(self.budgets) > 1 and unit.data == "images":
+            raise FairMoeError("the vision path takes one --budget at a time")
+        self.output.validate(multi_budget=len(self.budgets) > 1)
+        if not self.output.dry_run:
+            if self.scores is None:
+                self.calibration.validate()
+                removal = self.method.removal_for(unit)
+                classes = self.calibration.num_text_classes
+                if unit.data == "text" and removal == "wasserstein" and classes is not None and classes < 2:
+                    raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass "
+                                       "--calib-file twice or several comma-separated --calib-config values")
+            self.runtime.validate()
+        return unit

@@ -1,0 +1,108 @@
+"""Write → verify: one writer and one verifier for every unit kind.
+
+The reference (the masked original with the plan's compensation applied) is computed first, on the
+loaded model; then the weights are written — streamed shard by shard from a local safetensors source when
+the unit kind and the compensation allow it, otherwise folded and sliced in memory — with the plan, the
+scores, the card and the plot; finally the checkpoint is reloaded the way a user loads it and its
+outputs are compared with the reference. The caller runs this inside ``write_atomically``: a failure
+leaves nothing at ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fair_moe.calibration import CalibrationBatches
+from fair_moe.checkpoint.verify import compare_outputs
+from fair_moe.core.plan import PrunePlan
+from fair_moe.core.scores import SCORES_FILE, Scores
+from fair_moe.strategies import COMPENSATIONS
+from fair_moe.strategies.selection import reference
+from fair_moe.units import UnitKind
+from fair_moe.workflow.report import model_card, plot_allocation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WriteOptions:
+    """How a checkpoint is written: ``source`` to stream from (None: in memory), the dtype weights are saved in,
+    whether to verify, and the accelerate placement to reload with."""
+
+    save_dtype: object
+    source: Path | None = None
+    verify: bool = True
+    placement: dict | None = None
+    progress: bool = True
+    trust_remote_code: bool = False
+
+
+def streams(unit: UnitKind, plan: PrunePlan, source: Path | None) -> bool:
+    compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
+    return source is not None and unit.streamable and (compensation is None or compensation.streamable)
+
+
+def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: PrunePlan, scores: Scores,
+                     data: CalibrationBatches | None, options: WriteOptions) -> None:
+    """Write the whole output folder (weights, config, plan, scores, card, plot) into ``folder`` and verify it.
+
+    Streaming leaves ``model`` untouched; otherwise it is folded and sliced in place.
+    """
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = reference_outputs = None
+    if options.verify:
+        probe = unit.probe(model, data)
+        with torch.no_grad(), reference(model, unit, plan.kept, plan.compensation):
+            reference_outputs = unit.outputs(model, probe)
+    compute_dtype = next(model.parameters()).dtype
+    compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
+    if streams(unit, plan, options.source):
+        transform = compensation.transform(model, plan.compensation) if compensation else None
+        stats = unit.stream(model, plan, options.source, folder, transform, options.save_dtype, options.progress)
+        log.info("streamed %d source bytes into %d shard(s) of %d bytes", stats["source_bytes"], stats["shards"],
+                 stats["written_bytes"])
+    else:
+        with torch.no_grad():
+            if compensation is not None:
+                compensation.fold(model, plan.compensation)
+            unit.apply(model, plan)
+        unit.save(model, folder, processor, options.save_dtype)
+        model.to(compute_dtype)
+    plan.save(folder)
+    scores.save(folder / SCORES_FILE)
+    (folder / "README.md").write_text(model_card(plan))
+    plot_allocation(plan, folder / "allocation.png")
+    unit.verify_saved(folder, plan, model.config)
+    if options.verify:
+        reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code)
+        exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
+        compare_outputs(unit.outputs(reloaded, probe), reference_outputs, exact, unit.exact_tolerance,
+                        "the masked original" + (" with its compensation" if compensation else ""))
+
+
+def reload(folder: Path, unit: UnitKind, plan: PrunePlan, dtype, model, placement: dict | None,
+           trust_remote_code: bool = False):
+    """The written checkpoint loaded as a user would, with the placement the original was loaded with.
+
+    Remote code runs only for fair_moe's own modeling file (uneven plans) or when the user allowed it."""
+    import transformers
+
+    from fair_moe.metrics import execution_device
+
+    auto = getattr(transformers, unit.auto_class)
+    trust = trust_remote_code or not plan.is_uniform
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if placement:  # offload into a folder of its own
+            placement = {**placement, **({"offload_folder": str(Path(placement["offload_folder"]) / "verify")}
+                                         if "offload_folder" in placement else {})}
+            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype, **placement)
+        else:
+            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype)
+            reloaded = reloaded.to(execution_device(model))
+    return reloaded.eval()

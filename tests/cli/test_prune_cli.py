@@ -1,0 +1,280 @@
+"""The command line end to end on a tiny checkpoint, and every bad input it must refuse cleanly."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_qwen2_moe_config, write_checkpoint
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from fair_moe import prune, reference
+from fair_moe.core.plan import PrunePlan
+from fair_moe.core.scores import SCORES_FILE, Scores
+from fair_moe.units.experts.routing import masked_experts
+from fair_moe.workflow import prune as workflow_prune
+
+FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+
+
+def run_cli(*args):
+    return prune.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pruned_tod(tiny_checkpoint, calib_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tod"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "none", *calib, *FAST) == 0
+    return out
+
+
+def test_output_folder_is_complete(pruned_tod):
+    names = {p.name for p in pruned_tod.iterdir()}
+    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "fair_moe_plan.json", SCORES_FILE, "README.md", "allocation.png"):
+        assert required in names
+    assert not [p for p in pruned_tod.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_plan_budget_is_exact_and_every_layer_keeps_top_k(pruned_tod):
+    plan = json.loads((pruned_tod / "fair_moe_plan.json").read_text())
+    assert plan["removed_total"] == 3 * round(0.5 * 12)
+    assert set(plan["kept_experts"]) == {"0", "1", "2"}
+    for ids in plan["kept_experts"].values():
+        assert ids == sorted(ids) and len(ids) >= 3
+    assert plan["settings"]["allocation"] == "tod" and plan["alpha"] is not None
+    assert sum(plan["kept_counts"].values()) == 36 - 18
+
+
+def test_cli_output_equals_masked_original(pruned_tod, tiny_checkpoint):
+    plan = PrunePlan.load(pruned_tod)
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_tod, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked_experts(original, plan.kept):
+        reference = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (pruned(input_ids=ids).logits - reference).abs().max().item() < 1e-4
+
+
+def test_scores_reproduce_the_plan_without_calibrating(pruned_tod, tiny_checkpoint, tmp_path, monkeypatch):
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration must not run with --scores")
+
+    monkeypatch.setattr(workflow_prune, "score", no_calibration)
+    out = tmp_path / "again"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "none",
+                   "--scores", pruned_tod / SCORES_FILE, "--quiet") == 0
+    assert PrunePlan.load(out).kept == PrunePlan.load(pruned_tod).kept
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_other_allocations_from_scores(pruned_tod, tiny_checkpoint, tmp_path, allocation):
+    out = tmp_path / allocation
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", allocation,
+                   "--scores", pruned_tod, "--quiet") == 0
+    plan = PrunePlan.load(out)
+    assert plan.removed_total == 3 * 3
+    if allocation == "uniform":
+        assert set(plan.kept_counts.values()) == {9}
+        assert json.loads((out / "config.json").read_text())["num_experts"] == 9
+
+
+def test_model_card_has_hub_metadata(pruned_tod):
+    card = (pruned_tod / "README.md").read_text()
+    assert card.startswith("---\n")
+    assert "library_name: transformers" in card and "- fair-moe" in card
+    assert "trust_remote_code=True" in card or "stock architecture" in card
+
+
+def test_list_models(capsys):
+    assert run_cli("--list-models") == 0
+    assert "qwen2_moe" in capsys.readouterr().out.split()
+
+
+def test_dry_run_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--dry-run") == 0
+    assert "12 routed experts per layer" in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dense_qwen_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("dense"), tiny_qwen2_moe_config(mlp_only_layers=[0, 1, 2]))
+
+
+@pytest.fixture(scope="module")
+def nan_scores(pruned_tod, tmp_path_factory):
+    scores = Scores.load(pruned_tod)
+    scores.removal["reap"][1, 2] = math.nan
+    path = tmp_path_factory.mktemp("nan") / SCORES_FILE
+    scores.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_calib(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_calib")
+    (folder / "empty.txt").write_text("   \n")
+    (folder / "short.txt").write_text("def f(x): return x")
+    return folder
+
+
+BAD_INPUTS = {
+    "too aggressive": (["--budget", "0.9"], "top_k=3"),
+    "budget zero": (["--budget", "0"], "between 0 and 1"),
+    "budget one": (["--budget", "1"], "between 0 and 1"),
+    "budget negative": (["--budget", "-0.2"], "between 0 and 1"),
+    "rounds to nothing": (["--budget", "0.01"], "raise --budget"),
+    "no budget": ([], "--budget"),
+    "missing model": (["--budget", "0.25", "--model", "/nonexistent/model"], "does not exist"),
+    "unsupported type": (["--budget", "0.25", "--model", "LLAMA"], "not supported"),
+    "no moe layers": (["--budget", "0.25", "--model", "DENSE"], "no MoE layers"),
+    "missing calib": (["--budget", "0.25", "--calib-file", "/nonexistent/calib.txt"], "does not exist"),
+    "empty calib": (["--budget", "0.25", "--calib-file", "BAD/empty.txt"], "holds no text"),
+    "short calib": (["--budget", "0.25", "--calib-file", "BAD/short.txt", "--calib-file", "BAD/short.txt"],
+                    "fewer than --seq-len"),
+    "nan scores": (["--budget", "0.25", "--scores", "NAN"], "NaN"),
+    "missing scores": (["--budget", "0.25", "--scores", "/nonexistent/scores.safetensors"], "does not exist"),
+    "wasserstein one class": (["--budget", "0.25", "--removal", "wasserstein", "--calib-file", "CALIB0"],
+                              "two calibration classes"),
+    "tolerance with uniform": (["--tolerance", "0.3", "--allocation", "uniform"], "--tolerance"),
+    "tolerance with auto": (["--tolerance", "0.3"], "--tolerance"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(case, tiny_checkpoint, llama_checkpoint, dense_qwen_checkpoint, nan_scores, bad_calib,
+                                 calib_files, tmp_path, capsys):
+    args, expected = BAD_INPUTS[case]
+    replace = {"LLAMA": llama_checkpoint, "DENSE": dense_qwen_checkpoint, "NAN": nan_scores, "CALIB0": calib_files[0]}
+    args = [str(replace.get(a, a)).replace("BAD", str(bad_calib)) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_checkpoint)]
+    out = tmp_path / "out"
+    assert run_cli(*args, "--out", out, *FAST) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] != []
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_existing_out_is_refused_and_untouched(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", *FAST) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_scores_of_another_model_are_refused(pruned_tod, tmp_path, capsys):
+    other = write_checkpoint(tmp_path / "other", tiny_qwen2_moe_config(num_experts=16))
+    assert run_cli("--model", other, "--out", tmp_path / "out", "--budget", "0.25", "--scores", pruned_tod,
+                   "--quiet") == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_several_budgets_from_one_scores_file(pruned_tod, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(workflow_prune, "score",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("no calibration")))
+    out = tmp_path / "multi"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--allocation", "tod",
+                   "--compensate", "none", "--scores", pruned_tod, "--quiet") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["budget-0.25", "budget-0.5"]
+    for budget, removed in (("0.25", 9), ("0.5", 18)):
+        plan = PrunePlan.load(out / f"budget-{budget}")
+        assert plan.removed_total == removed
+        assert (out / f"budget-{budget}" / "model.safetensors").is_file()
+    assert PrunePlan.load(out / "budget-0.5").kept == PrunePlan.load(pruned_tod).kept
+
+
+def test_dry_run_on_a_bare_real_config(capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen1.5-moe-a2.7b.json"
+    assert run_cli("--model", config, "--budget", "0.25", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "24 MoE layers" in out and "60 routed experts per layer" in out
+    assert "360 experts removed" in out
+    assert "14.316 B in all" in out  # Qwen1.5-MoE-A2.7B has 14.3 B parameters
+
+
+def test_default_command_selects_and_compensates(tiny_checkpoint, calib_files, tmp_path):
+    """The default is --allocation auto --compensate auto; its output still equals the masked original."""
+    out = tmp_path / "default"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", *calib, *FAST) == 0
+    plan = PrunePlan.load(out)
+    assert plan.settings["allocation"] == "auto" and plan.removed_total == 18
+    assert len(plan.settings["candidates"]) == 12
+    assert all("loss" in c and "loss_layer_scale" in c for c in plan.settings["candidates"])
+    best = min(min(c["loss"], c["loss_layer_scale"]) for c in plan.settings["candidates"])
+    assert plan.settings["selected"]["loss"] == best
+    chosen = plan.settings["selected"]["compensation"]
+    assert chosen in ("none", "layer-scale")
+    assert (plan.compensation.kind if plan.compensation else "none") == chosen
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), reference(original, plan):
+        expected = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (pruned(input_ids=ids).logits - expected).abs().max().item() < 1e-4
+
+
+def test_calib_dataset_from_a_local_folder(tiny_checkpoint, calib_files, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(calib_files[1], data / "train.jsonl")
+    out = tmp_path / "from_dataset"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", "uniform",
+                   "--calib-dataset", data, *FAST) == 0
+    assert PrunePlan.load(out).settings["calibration"]["sources"] == [str(data)]
+
+
+def test_offloaded_run_gives_the_in_memory_plan(tiny_checkpoint, calib_files, tmp_path):
+    """--device-map auto with a tiny --max-memory offloads every weight to disk; plan and output are unchanged."""
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    common = ["--model", tiny_checkpoint, "--budget", "0.5", "--allocation", "tod", "--compensate", "none",
+              *calib, *FAST]
+    assert run_cli(*common, "--out", tmp_path / "memory") == 0
+    assert run_cli(*common, "--out", tmp_path / "offload", "--device-map", "auto", "--max-memory", "cpu=60KB",
+                   "--offload-folder", tmp_path / "offload_weights") == 0
+    assert PrunePlan.load(tmp_path / "offload").kept == PrunePlan.load(tmp_path / "memory").kept
+    a = Scores.load(tmp_path / "memory")
+    b = Scores.load(tmp_path / "offload")
+    torch.testing.assert_close(a.protection, b.protection, rtol=1e-4, atol=1e-9)
+
+
+def test_router_temperature_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path):
+    out = tmp_path / "temperature"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "router-temperature", "--scores", pruned_tod, "--quiet") == 0  # verified on write
+    plan = PrunePlan.load(out)
+    assert plan.compensation.kind == "router-temperature" and set(plan.compensation.per_layer) == {0, 1, 2}
+
+
+def test_merge_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path):
+    out = tmp_path / "merge"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25,0.5", "--allocation", "tod",
+                   "--compensate", "merge", "--scores", pruned_tod, "--quiet") == 0  # each budget verified on write
+    for budget in ("0.25", "0.5"):
+        plan = PrunePlan.load(out / f"budget-{budget}")
+        assert plan.compensation.kind == "merge"

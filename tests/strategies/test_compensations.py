@@ -1,0 +1,148 @@
+"""Compensations: fitted per layer, recorded in the plan, folded / streamed into the weights, and equal to
+their stated reference (the masked original with the compensation applied) after a reload."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_model, tiny_qwen2_moe_config
+from families import family_configs, grouped_uneven_plan
+from transformers import AutoModelForCausalLM
+
+from fair_moe import apply_plan, reference, save_pruned, stream_pruned
+from fair_moe.adapters import get_adapter
+from fair_moe.core.plan import CompensationRecord, PrunePlan
+from fair_moe.strategies import COMPENSATIONS
+from fair_moe.strategies.compensations.router_temperature import TEMPERATURES
+from fair_moe.units.experts.routing import masked_experts
+
+IDS = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(8))
+FIT = torch.randint(1, 97, (4, 20), generator=torch.Generator().manual_seed(9))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def _write(model, plan, out, streamed, tmp_path):
+    if streamed:
+        model.save_pretrained(tmp_path / "src")
+        stream_pruned(model, plan, tmp_path / "src", out)
+    else:
+        save_pruned(apply_plan(copy.deepcopy(model), plan), out, plan=plan)
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_router_temperature_round_trip(family, streamed, tmp_path):
+    model = build_model(family_configs()[family], seed=5)
+    plan = grouped_uneven_plan(model)
+    record = COMPENSATIONS.get("router-temperature").fit(model, plan.kept, FIT, 4)
+    full = [i for i, kept in plan.kept.items() if len(kept) == plan.width]
+    assert all(record.per_layer[i] == 1.0 for i in full)  # nothing removed: the original routing is best
+    assert set(record.per_layer.values()) <= set(TEMPERATURES)
+    temperatures = {i: (1.25 if n % 2 else 0.8) for n, i in enumerate(plan.kept)}  # make every layer count
+    plan.compensation = CompensationRecord("router-temperature", temperatures)
+    with reference(model, plan):
+        expected = _logits(model)
+    with masked_experts(model, plan.kept):
+        assert (expected - _logits(model)).abs().max() > 1e-5
+    reloaded = _write(model, plan, tmp_path / "out", streamed, tmp_path)
+    assert (_logits(reloaded) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_merge_round_trip(family, tmp_path):
+    model = build_model(family_configs()[family], seed=5)
+    plan = grouped_uneven_plan(model)
+    merge = COMPENSATIONS.get("merge")
+    record = merge.fit(model, plan.kept, FIT, 4)
+    for layer, groups in record.per_layer.items():
+        removed = set(range(plan.width)) - set(plan.kept[layer])
+        for target, members in groups.items():
+            assert target in plan.kept[layer] and members[0][0] == target
+            assert all(e in removed and w > 0 for e, w in members[1:])
+    assert any(record.per_layer.values())
+    plan.compensation = record
+    plan.save(tmp_path)
+    loaded = PrunePlan.load(tmp_path).compensation
+    assert {k: {int(t): m for t, m in g.items()} for k, g in loaded.per_layer.items()} == record.per_layer
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with reference(model, plan):
+        expected = _logits(model)
+        # hand check of one average: the first group of the first layer with a merge
+        layer, groups = next((k, g) for k, g in record.per_layer.items() if g)
+        target, members = next(iter(groups.items()))
+        merged = next(m for m in get_layers(model) if m.index == layer).experts.down_proj[target]
+        original = before[next(k for k in before if f"layers.{layer}." in k and k.endswith("experts.down_proj"))]
+        want = sum(w * original[e].double() for e, w in members) / sum(w for _, w in members)
+        torch.testing.assert_close(merged.double(), want, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())  # restored on exit
+    with masked_experts(model, plan.kept):
+        assert (expected - _logits(model)).abs().max() > 1e-6  # the merge changes the model
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path / "out", plan=plan)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
+    assert (_logits(reloaded) - expected).abs().max().item() < 1e-4
+
+
+def test_merge_is_not_streamable(tmp_path):
+    model = build_model(family_configs()["qwen2_moe"], seed=5)
+    plan = grouped_uneven_plan(model)
+    plan.compensation = CompensationRecord("merge", {})
+    from fair_moe.core.errors import FairMoeError
+
+    with pytest.raises(FairMoeError, match="cannot be streamed"):
+        stream_pruned(model, plan, tmp_path, tmp_path / "out")
+
+
+def test_layer_scale_compensation_round_trip(tmp_path):
+    """With scales folded in, the checkpoint equals the masked original with each routed output scaled."""
+    model = build_model(tiny_qwen2_moe_config())
+    plan = PrunePlan("qwen2_moe", "experts", 12, {0: [4, 7, 9], 1: list(range(12)), 2: [0, 3, 5, 6, 8, 10, 11]},
+                     top_k=3)
+    ids = torch.randint(1, 97, (4, 24), generator=torch.Generator().manual_seed(3))
+    record = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, ids, 4)
+    scales = record.per_layer
+    assert scales[1] == pytest.approx(1.0)  # layer 1 keeps every expert: nothing to compensate
+    assert abs(scales[0] - 1.0) > 1e-3
+    plan.compensation = record
+    with reference(model, plan):
+        expected = _logits(model)
+    with masked_experts(model, plan.kept):
+        unscaled = _logits(model)
+    assert (expected - unscaled).abs().max() > 1e-4
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32)
+    assert (_logits(reloaded) - expected).abs().max().item() < 1e-4
+    assert PrunePlan.load(tmp_path).compensation.per_layer == pytest.approx(scales)
+
+
+def test_layer_scale_is_the_least_squares_solution():
+    """s = Σ⟨y, ŷ⟩ / Σ‖ŷ‖² computed by hand from the two routed outputs of layer 0."""
+    model = build_model(tiny_qwen2_moe_config(num_hidden_layers=1))
+    kept = {0: [0, 3, 4, 8, 10]}
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    layer = get_adapter(model.config).moe_layers(model)[0]
+    captured = {}
+    handle = layer.experts.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    x = captured["x"]
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x, layer.router.weight)
+        adapter = get_adapter(model.config)
+        w, i = adapter.route(layer.router, logits, None)
+        removed = torch.ones(12, dtype=torch.bool)
+        removed[kept[0]] = False
+        w2, i2 = adapter.route(layer.router, logits, removed)
+        y, y_hat = layer.experts(x, i, w).double(), layer.experts(x, i2, w2).double()
+    expected = (y * y_hat).sum() / (y_hat * y_hat).sum()
+    fitted = COMPENSATIONS.get("layer-scale").fit(model, kept, ids, 4).per_layer[0]
+    assert fitted == pytest.approx(expected.item(), rel=1e-6)
+
+
+def get_layers(model):
+    return get_adapter(model.config).moe_layers(model)

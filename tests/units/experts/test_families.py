@@ -1,0 +1,131 @@
+"""Every supported family on a tiny random config: real routing, signals, exact budgets, round trips."""
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import CharTokenizer, build_model
+from families import family_configs, grouped_uneven_plan
+from transformers import AutoModelForCausalLM
+
+from fair_moe import PlanSettings, apply_plan, compute_scores, make_plan, save_pruned
+from fair_moe.adapters import get_adapter, supported_model_types
+from fair_moe.calibration.text import CalibrationSource
+from fair_moe.units.experts.routing import masked_experts
+
+FAMILIES = list(family_configs())
+IDS = torch.randint(1, 97, (2, 15), generator=torch.Generator().manual_seed(11))
+
+
+def _sources():
+    rng = random.Random(1)
+    return [CalibrationSource(n, ["".join(rng.choice(chars) for _ in range(1500))]) for n, chars in
+            (("a", "abcdefg "), ("b", "tuvwxyz0123 "))]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """(model, scores) for one family; scores from one short calibration pass."""
+    model = build_model(family_configs()[request.param], seed=3)
+    scores = compute_scores(model, CharTokenizer(), _sources(), samples=4, seq_len=24, batch_size=2, progress=False)
+    return request.param, model, scores
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_every_required_family_is_registered():
+    assert set(FAMILIES) <= set(supported_model_types())
+
+
+def test_route_reproduces_the_stock_router(family):
+    _, model, _ = family
+    adapter = get_adapter(model.config)
+    seen = []
+    handles = [layer.router.register_forward_hook(lambda m, a, out: seen.append((m, out)))
+               for layer in adapter.moe_layers(model)]
+    _logits(model)
+    for h in handles:
+        h.remove()
+    assert seen
+    for router, out in seen:
+        weights, ids = adapter.route(router, adapter.router_logits(out), None)
+        assert torch.equal(ids, out[2])
+        torch.testing.assert_close(weights, out[1], rtol=0, atol=0)
+
+
+def test_frequency_is_the_models_own_topk_counts(family):
+    _, model, scores = family
+    adapter = get_adapter(model.config)
+    layers = adapter.moe_layers(model)
+    assert scores.layer_indices == [layer.index for layer in layers]
+    assert scores.removal["frequency"].sum(dim=1).tolist() == [4 * 24 * layers[0].top_k] * len(layers)
+
+
+def test_taylor_matches_parameter_autograd(family):
+    """R = |Σ ∂L/∂W ⊙ W| over each expert's down projection (weight and, for GPT-OSS, its bias)."""
+    _, model, scores = family
+    from fair_moe.calibration.text import make_batches
+
+    batches = make_batches(CharTokenizer(), _sources(), samples=4, seq_len=24, batch_size=2, seed=0)
+    model.zero_grad()
+    for _, ids in batches:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    reference = []
+    for layer in get_adapter(model.config).moe_layers(model):
+        experts = layer.experts
+        total = (experts.down_proj.grad.double() * experts.down_proj.detach().double()).flatten(1).sum(1)
+        if hasattr(experts, "down_proj_bias"):
+            total += (experts.down_proj_bias.grad.double() * experts.down_proj_bias.detach().double()).sum(1)
+        reference.append(total.abs())
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(scores.protection, torch.stack(reference), rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+@pytest.mark.parametrize("allocation", ["tod", "uniform", "global"])
+def test_budget_exact_and_groups_stay_selectable(family, budget, allocation):
+    _, model, scores = family
+    adapter = get_adapter(model.config)
+    plan = make_plan(scores, PlanSettings(budget=budget, allocation=allocation))
+    e, groups = adapter.num_experts(model.config), adapter.num_groups(model.config)
+    per_layer = groups * round(budget * e / groups)
+    assert plan.removed_total == len(scores.layer_indices) * per_layer
+    size = e // groups
+    for kept in plan.kept.values():
+        assert len(kept) >= adapter.top_k(model.config)
+        per_group = [sum(g * size <= i < (g + 1) * size for i in kept) for g in range(groups)]
+        assert len(set(per_group)) == 1 and per_group[0] >= max(1, adapter.min_kept_per_group(model.config))
+
+
+@pytest.mark.parametrize("kind", ["tod", "uniform", "uneven"])
+def test_round_trip_equals_masked_original(family, kind, tmp_path):
+    name, model, scores = family
+    if kind == "uneven":
+        plan = grouped_uneven_plan(model)
+    else:
+        plan = make_plan(scores, PlanSettings(budget=0.25, allocation=kind))
+    with masked_experts(model, plan.kept):
+        reference = _logits(model)
+    assert (reference - _logits(model)).abs().max() > 1e-4  # the mask changes the output
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan)
+    stock = plan.is_uniform
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=not stock, dtype=torch.float32)
+    if stock:
+        assert type(reloaded) is type(model)  # stock class, no remote code
+    assert (_logits(reloaded) - reference).abs().max().item() < 1e-4
+
+
+def test_grouped_budget_that_empties_groups_is_refused(family):
+    """3 groups of 4 that must keep ≥ 2 each (top-2 group scores): at most 6 of 12 can go."""
+    name, model, scores = family
+    adapter = get_adapter(model.config)
+    if adapter.num_groups(model.config) == 1:
+        pytest.skip("no group-limited routing")
+    from fair_moe.core.errors import FairMoeError
+
+    with pytest.raises(FairMoeError, match="groups"):
+        make_plan(scores, PlanSettings(budget=0.75, allocation="uniform"))

@@ -1,0 +1,64 @@
+"""The streaming rewriter: source shards in, pruned shards out, for every family's on-disk format."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_model, tiny_qwen2_moe_config
+from families import family_configs, grouped_uneven_plan
+from transformers import AutoModelForCausalLM
+
+from fair_moe import reference, stream_pruned
+from fair_moe.core.errors import FairMoeError
+from fair_moe.core.plan import CompensationRecord, PrunePlan
+
+IDS = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", list(family_configs()))
+def test_streamed_checkpoint_equals_masked_original(family, tmp_path):
+    model = build_model(family_configs()[family], seed=4)
+    source, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(source, max_shard_size="20KB")  # many shards
+    assert len(list(source.glob("*.safetensors"))) > 3
+    plan = grouped_uneven_plan(model)
+    scales = {index: 0.9 + 0.05 * n for n, index in enumerate(plan.kept)}
+    plan.compensation = CompensationRecord("layer-scale", scales)
+    with reference(model, plan):
+        expected = _logits(model)
+    stats = stream_pruned(model, plan, source, out, max_shard_bytes=40_000)
+    assert stats["shards"] > 1 and (out / "model.safetensors.index.json").is_file()
+    assert stats["written_bytes"] < stats["source_bytes"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    assert (_logits(reloaded) - expected).abs().max().item() < 1e-4
+
+
+def test_index_lists_every_written_tensor(tmp_path):
+    from safetensors import safe_open
+
+    model = build_model(tiny_qwen2_moe_config())
+    model.save_pretrained(tmp_path / "src", max_shard_size="30KB")
+    plan = PrunePlan("qwen2_moe", "experts", 12, {0: [1, 2, 3], 1: list(range(12)), 2: [0, 5, 6, 7]}, top_k=3)
+    stream_pruned(model, plan, tmp_path / "src", tmp_path / "out", max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    stored = {}
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(tmp_path / "out" / shard), "pt") as f:
+            stored.update({k: shard for k in f.keys()})
+    assert stored == index["weight_map"]
+    assert not [k for k in stored if ".layers.0.mlp.experts.3." in k]  # layer 0 keeps 3 → ids 0..2
+    assert sum(".layers.2.mlp.experts." in k and k.endswith("down_proj.weight") for k in stored) == 4
+    assert not list((tmp_path / "out").glob(".part-*"))
+
+
+def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(tmp_path):
+    model = build_model(tiny_qwen2_moe_config())
+    model.save_pretrained(tmp_path / "src")
+    plan = PrunePlan("qwen2_moe", "experts", 12, {0: [1, 2, 3], 1: list(range(12)), 7: [0, 1, 2]}, top_k=3)
+    with pytest.raises(FairMoeError, match="layer 7"):
+        stream_pruned(model, plan, tmp_path / "src", tmp_path / "out")

@@ -1,0 +1,61 @@
+"""fair_moe.eval through lm-eval's real Python API on the offline task, plus perplexity and recovery."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fair_moe import prune_model, save_pruned
+from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR
+from fair_moe.calibration.text import bundled_sources
+from fair_moe.eval import main as eval_main
+from fair_moe.workflow.evaluate import recovery
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(scope="module")
+def pruned_demo(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
+    pruned, plan = prune_model(model, tokenizer, bundled_sources(), budget=0.5, samples=6, seq_len=128,
+                               progress=False)
+    out = tmp_path_factory.mktemp("pruned_demo")
+    save_pruned(pruned, out, tokenizer, plan)
+    return out
+
+
+def test_recovery_is_pruned_over_base_and_inverted_for_perplexity():
+    table = recovery({"t/acc": 0.4, "perplexity/a": 20.0}, {"t/acc": 0.5, "perplexity/a": 10.0})
+    assert table == {"t/acc": pytest.approx(0.8), "perplexity/a": pytest.approx(0.5), "average": pytest.approx(0.65)}
+
+
+def test_eval_with_base_writes_metrics_and_recovery(pruned_demo, tmp_path):
+    out = tmp_path / "results.json"
+    rc = eval_main(["--model", str(pruned_demo), "--base", str(DEMO_MODEL_DIR), "--tasks", "fair_moe_heldout_mc",
+                    "--include-path", str(ROOT / "eval" / "tasks"), "--limit", "6",
+                    "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"), "--ppl-seq-len", "256",
+                    "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    for metrics in (result["metrics"], result["base_metrics"]):
+        assert 0.0 <= metrics["fair_moe_heldout_mc/acc"] <= 1.0
+        assert metrics["perplexity/docs"] == pytest.approx(metrics["perplexity/overall"])
+        assert metrics["perplexity/docs"] > 1.0
+    assert result["metrics"]["perplexity/docs"] > result["base_metrics"]["perplexity/docs"]  # pruning half hurts
+    rec = result["recovery"]
+    assert rec["perplexity/docs"] == pytest.approx(
+        result["base_metrics"]["perplexity/docs"] / result["metrics"]["perplexity/docs"])
+    assert "| perplexity/docs |" in out.with_suffix(".md").read_text()
+
+
+def test_unknown_task_and_missing_file_fail_cleanly(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert eval_main(["--model", str(DEMO_MODEL_DIR), "--tasks", "no_such_task_xyz", "--output-json", str(out)]) == 2
+    assert "unknown lm-eval task" in capsys.readouterr().err
+    assert eval_main(["--model", str(DEMO_MODEL_DIR), "--ppl-file", "/nonexistent.txt", "--output-json", str(out)]) == 2
+    assert "--ppl-file not found" in capsys.readouterr().err
+    assert not out.exists()
