@@ -27,6 +27,12 @@ SKIP_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|model\.safetensors\.in
                         r"|^config\.json|^README\.md|^fair_moe_.*)$")
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The ``.safetensors`` weight files of a checkpoint folder, without fair_moe's own files (scores, learned
+    compensation tensors) that sit beside the weights of a pruned checkpoint."""
+    return sorted(p for p in Path(folder).glob("*.safetensors") if not p.name.startswith("fair_moe_"))
+
+
 def source_shards(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (index order when there is an index)."""
     folder = Path(folder)
@@ -34,7 +40,7 @@ def source_shards(folder: Path) -> list[Path]:
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [folder / n for n in names]
-    shards = sorted(folder.glob("*.safetensors"))
+    shards = weight_files(folder)
     if not shards:
         raise FairMoeError(f"{folder} holds no .safetensors weights: the streaming rewriter needs safetensors "
                            "(re-save the model with save_pretrained)")
@@ -102,4 +108,4 @@ def copy_side_files(source: Path, out: Path) -> None:
 def streamable_source(name: str) -> Path | None:
     """The local checkpoint folder to stream weights from, if ``name`` is one with safetensors."""
     path = Path(name)
-    return path if path.is_dir() and any(path.glob("*.safetensors")) else None
+    return path if path.is_dir() and weight_files(path) else None

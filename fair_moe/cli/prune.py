@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_choices(PROTECTION_SIGNALS))
     m.add_argument("--compensate", default=AUTO, choices=[AUTO, *COMPENSATIONS.names()],
                    help=_choices(COMPENSATIONS, AUTO_COMPENSATION_HELP) + " (default auto)")
+    m.add_argument("--compensate-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the compensation, repeatable: " + "; ".join(
+                       f"{c.name}: " + ", ".join(f"{n} ({h}, default {d})" for n, (_, d, h) in c.options.items())
+                       for c in COMPENSATIONS if c.options))
 
     r = p.add_argument_group("reuse and runtime")
     r.add_argument("--scores", type=Path, help="fair_moe_scores.safetensors from an earlier run: no calibration")
@@ -126,7 +130,8 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
             split=args.calib_split, text_field=args.text_field, images=args.calib_images, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
         method=MethodSettings(units=units, allocation=args.allocation, removal=args.removal,
-                              protection=args.protection, compensation=args.compensate, min_keep=args.min_keep),
+                              protection=args.protection, compensation=args.compensate, min_keep=args.min_keep,
+                              compensation_options=tuple(args.compensate_option)),
         runtime=RuntimeSettings(device=args.device, dtype=args.dtype, device_map=args.device_map,
                                 max_memory=args.max_memory, offload_folder=args.offload_folder,
                                 layerwise=args.layerwise, trust_remote_code=args.trust_remote_code,

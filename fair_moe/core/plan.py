@@ -10,6 +10,8 @@ from typing import Any
 from fair_moe.core.errors import FairMoeError
 
 PLAN_FILE = "fair_moe_plan.json"
+COMPENSATION_FILE = "fair_moe_compensation.safetensors"  # tensors a compensation learned (e.g. router rows)
+_TENSOR_REF = "tensor:"
 # Before 0.2 a compensation's per-layer table was saved under a name of its own.
 _LEGACY_TABLES = ("scales", "temperatures", "merges")
 
@@ -24,7 +26,36 @@ class CompensationRecord:
     fit: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "per_layer": {str(k): v for k, v in sorted(self.per_layer.items())}, **self.fit}
+        """JSON-ready; tensors appear as ``"tensor:<layer>.<name>"`` references into ``COMPENSATION_FILE``."""
+        per_layer = {str(k): _refs(k, v) for k, v in sorted(self.per_layer.items())}
+        return {"kind": self.kind, "per_layer": per_layer, **self.fit}
+
+    def tensors(self) -> dict:
+        """Every tensor of ``per_layer`` by its reference key (``"<layer>.<name>"``)."""
+        found: dict = {}
+        for layer, value in self.per_layer.items():
+            if isinstance(value, dict):
+                found.update({f"{layer}.{name}": t for name, t in value.items() if _is_tensor(t)})
+            elif _is_tensor(value):
+                found[str(layer)] = value
+        return found
+
+    def with_tensors(self, tensors: dict) -> CompensationRecord:
+        """The record with its tensor references replaced by ``tensors`` (read from ``COMPENSATION_FILE``)."""
+        def resolve(value):
+            if isinstance(value, str) and value.startswith(_TENSOR_REF):
+                key = value[len(_TENSOR_REF):]
+                if key not in tensors:
+                    raise FairMoeError(f"{COMPENSATION_FILE} lacks tensor {key!r} that the plan's compensation names")
+                return tensors[key]
+            if isinstance(value, dict):
+                return {k: resolve(v) for k, v in value.items()}
+            return value
+
+        return CompensationRecord(self.kind, {k: resolve(v) for k, v in self.per_layer.items()}, self.fit)
+
+    def references_tensors(self) -> bool:
+        return any(isinstance(v, str) and v.startswith(_TENSOR_REF) for v in _leaves(self.per_layer))
 
     @classmethod
     def from_json(cls, data: dict) -> CompensationRecord:
@@ -35,6 +66,24 @@ class CompensationRecord:
             if table is None and legacy in data:
                 table = data.pop(legacy)
         return cls(kind, {int(k): v for k, v in (table or {}).items()}, data)
+
+
+def _is_tensor(value) -> bool:
+    return type(value).__name__ in ("Tensor", "Parameter")
+
+
+def _refs(layer, value):
+    if isinstance(value, dict):
+        return {name: f"{_TENSOR_REF}{layer}.{name}" if _is_tensor(t) else t for name, t in value.items()}
+    return f"{_TENSOR_REF}{layer}" if _is_tensor(value) else value
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 @dataclass
@@ -94,6 +143,13 @@ class PrunePlan:
         return json.dumps(data, indent=2, sort_keys=True)
 
     def save(self, folder: Path) -> None:
+        """``fair_moe_plan.json``, and ``fair_moe_compensation.safetensors`` when the compensation learned tensors."""
+        tensors = self.compensation.tensors() if self.compensation else {}
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
+                      str(Path(folder) / COMPENSATION_FILE))
         (Path(folder) / PLAN_FILE).write_text(self.to_json() + "\n")
 
     @classmethod
@@ -106,9 +162,17 @@ class PrunePlan:
         except (OSError, json.JSONDecodeError) as err:
             raise FairMoeError(f"cannot read plan {path}: {err}") from err
         try:
-            return cls.from_dict(data)
+            plan = cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:
             raise FairMoeError(f"{path} is not a fair_moe plan ({err.__class__.__name__}: {err})") from err
+        if plan.compensation is not None and plan.compensation.references_tensors():
+            sidecar = path.parent / COMPENSATION_FILE
+            if not sidecar.is_file():
+                raise FairMoeError(f"{path} names learned tensors in {COMPENSATION_FILE}, which is not beside it")
+            from safetensors.torch import load_file
+
+            plan.compensation = plan.compensation.with_tensors(load_file(str(sidecar)))
+        return plan
 
     @classmethod
     def from_dict(cls, data: dict) -> PrunePlan:

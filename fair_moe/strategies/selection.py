@@ -20,7 +20,7 @@ from fair_moe.core.scores import Scores
 from fair_moe.metrics import mean_loss
 from fair_moe.strategies import AUTO
 from fair_moe.strategies.allocations import ALLOCATIONS
-from fair_moe.strategies.compensations import COMPENSATIONS, Compensation
+from fair_moe.strategies.compensations import COMPENSATIONS, Compensation, FitData, options_for
 from fair_moe.strategies.planning import make_plan
 from fair_moe.strategies.signals import REMOVAL_SIGNALS
 from fair_moe.units.base import UnitKind
@@ -66,7 +66,8 @@ def _loss_key(compensation: Compensation | None) -> str:
 
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",
                 protection: str = "taylor", min_keep: int | None = None, base_model: str | None = None,
-                batch_size: int = 4, progress: bool = True) -> Selection:
+                batch_size: int = 4, progress: bool = True, seed: int = 0, options: tuple[str, ...] = ()
+                ) -> Selection:
     """The lowest-loss candidate plan; every candidate's loss is recorded in ``plan.settings["candidates"]``."""
     from tqdm.auto import tqdm
 
@@ -87,7 +88,7 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
         plan = make_plan(scores, budget, allocation, removal, protection, min_keep, base_model)
         key = tuple(tuple(v) for _, v in sorted(plan.kept.items()))
         if key not in seen:
-            seen[key] = _judge(model, unit, plan.kept, judged, ids, fit_ids, batch_size)
+            seen[key] = _judge(model, unit, plan.kept, judged, ids, fit_ids, batch_size, seed, options, progress)
         rows.append({"plan": plan, **seen[key]})
 
     best_row = min(rows, key=lambda r: r["best"][0])  # min keeps the first of equal losses
@@ -111,21 +112,23 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
     return Selection(best, compensation_settled=any(c is not None for c in judged))
 
 
-def _judge(model, unit, kept, judged, ids, fit_ids, batch_size) -> dict:
+def _judge(model, unit, kept, judged, ids, fit_ids, batch_size, seed, options, progress) -> dict:
     """Losses of one candidate with each judged compensation; "best" is (lowest loss, its record)."""
     result: dict = {}
-    options = []
+    outcomes = []
     for compensation in judged:
-        record = None if compensation is None else compensation.fit(model, kept, fit_ids, batch_size)
+        record = None if compensation is None else compensation.fit(
+            model, kept, FitData(fit_ids, batch_size, seed, options_for(compensation, options), progress))
         loss = judged_loss(model, unit, kept, record, ids, batch_size)
         result[_loss_key(compensation)] = loss
-        options.append((loss, record))
-    result["best"] = min(options, key=lambda o: o[0])
+        outcomes.append((loss, record))
+    result["best"] = min(outcomes, key=lambda o: o[0])
     return result
 
 
 def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, kind: str,
-                        batch_size: int = 4) -> PrunePlan:
+                        batch_size: int = 4, seed: int = 0, options: tuple[str, ...] = (),
+                        progress: bool = False) -> PrunePlan:
     """Fit the chosen compensation on calibration windows and record it in the plan (the weights are untouched
     until writing). ``auto`` keeps an auto candidate only if it lowers the loss on the selection windows, which
     the fit never sees; a rejected fit is kept in ``settings["compensation_rejected"]``."""
@@ -136,7 +139,9 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
         raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
                            "calibrate again or pass --compensate none")
     if kind != AUTO:
-        plan.compensation = COMPENSATIONS.get(kind).fit(model, plan.kept, ids, batch_size)
+        chosen = COMPENSATIONS.get(kind)
+        plan.compensation = chosen.fit(model, plan.kept,
+                                       FitData(ids, batch_size, seed, options_for(chosen, options), progress))
         return plan
     held = scores.selection_ids
     if held is None or len(held) == 0:
@@ -145,7 +150,8 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
     best: tuple[float, CompensationRecord] | None = None
     rejected = None
     for compensation in judged_compensations(AUTO)[1:]:
-        record = compensation.fit(model, plan.kept, ids, batch_size)
+        record = compensation.fit(model, plan.kept,
+                                  FitData(ids, batch_size, seed, options_for(compensation, options), progress))
         loss = judged_loss(model, unit, plan.kept, record, held, batch_size)
         record.fit.update(selection_loss_without=plain, selection_loss_with=loss)
         if loss < plain and (best is None or loss < best[0]):

@@ -155,14 +155,17 @@ def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: Pr
     allocation = method.allocation_for(unit)
     if allocation == AUTO:
         selection = select_plan(model, unit, scores, budget, method.compensation, method.protection,
-                                method.min_keep, settings.model, batch_size, settings.runtime.progress)
+                                method.min_keep, settings.model, batch_size, settings.runtime.progress,
+                                settings.calibration.seed, method.compensation_options)
         plan, settled = selection.plan, selection.compensation_settled
     else:
         plan = make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,
                          settings.model)
         settled = False
     if not settled:
-        plan = decide_compensation(model, unit, plan, scores, method.compensation, batch_size)
+        plan = decide_compensation(model, unit, plan, scores, method.compensation, batch_size,
+                                   settings.calibration.seed, method.compensation_options,
+                                   settings.runtime.progress)
     return plan
 
 

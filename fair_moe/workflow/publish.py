@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PLAN_FILE, PrunePlan
 
@@ -23,7 +24,7 @@ def check_folder(folder: Path) -> PrunePlan:
     if not folder.is_dir():
         raise FairMoeError(f"{folder} is not a folder: pass the --out folder of python -m fair_moe.prune")
     missing = [name for name in ("config.json", PLAN_FILE, "README.md") if not (folder / name).is_file()]
-    if not list(folder.glob("*.safetensors")):
+    if not weight_files(folder):
         missing.append("*.safetensors")
     if missing:
         raise FairMoeError(f"{folder} is not a complete fair_moe checkpoint (missing {', '.join(missing)})")

@@ -13,6 +13,7 @@ from pathlib import Path
 from fair_moe.core.budget import Budget
 from fair_moe.core.errors import FairMoeError
 from fair_moe.strategies import ALLOCATIONS, AUTO, COMPENSATIONS, PROTECTION_SIGNALS, REMOVAL_SIGNALS
+from fair_moe.strategies.compensations import options_for
 from fair_moe.units import UNIT_KINDS, UnitKind
 
 
@@ -61,6 +62,7 @@ class MethodSettings:
     protection: str = "taylor"
     compensation: str = AUTO
     min_keep: int | None = None
+    compensation_options: tuple[str, ...] = ()  # NAME=VALUE pairs for the compensation (--compensate-option)
 
     def validate(self, budgets: tuple[Budget, ...]) -> UnitKind:
         unit = UNIT_KINDS.get(self.units)
@@ -79,6 +81,13 @@ class MethodSettings:
             if rule is None or not rule.supports_tolerance:
                 raise FairMoeError("--tolerance sets ToD's α directly: use it with --allocation "
                                    f"{' / '.join(ALLOCATIONS.names(lambda r: r.supports_tolerance))}, or pass --budget")
+        fitted = ([c for c in COMPENSATIONS if c.auto_candidate] if self.compensation == AUTO
+                  else [COMPENSATIONS.get(self.compensation)])
+        for pair in self.compensation_options:
+            if not any(pair.partition("=")[0].strip() in c.options for c in fitted):
+                (fitted[0] if fitted else COMPENSATIONS.get("none")).parse_options((pair,))  # raises, naming options
+        for compensation in fitted:
+            options_for(compensation, self.compensation_options)  # values parse
         if self.compensation not in (AUTO, "none") and not unit.takes_compensation:
             raise FairMoeError(f"--compensate {self.compensation} needs routed experts: use --compensate none with "
                                f"--units {unit.name}")

@@ -278,3 +278,17 @@ def test_merge_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path):
     for budget in ("0.25", "0.5"):
         plan = PrunePlan.load(out / f"budget-{budget}")
         assert plan.compensation.kind == "merge"
+
+
+def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "router-kd", "--compensate-option", "steps=2", "--compensate-option", "eval_every=1",
+                   "--scores", pruned_tod, "--quiet") == 0  # verified on write
+    plan = PrunePlan.load(out)
+    assert plan.compensation.kind == "router-kd" and plan.compensation.fit["max_steps"] == 2
+    assert (out / "fair_moe_compensation.safetensors").is_file()
+    assert "router rows for the kept experts" in (out / "README.md").read_text()
+    assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "router-kd", "--compensate-option", "stepz=2", "--scores", pruned_tod) == 2
+    assert "stepz=2" in capsys.readouterr().err and not (tmp_path / "bad").exists()

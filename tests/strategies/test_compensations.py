@@ -13,6 +13,7 @@ from fair_moe import apply_plan, reference, save_pruned, stream_pruned
 from fair_moe.adapters import get_adapter
 from fair_moe.core.plan import CompensationRecord, PrunePlan
 from fair_moe.strategies import COMPENSATIONS
+from fair_moe.strategies.compensations import FitData
 from fair_moe.strategies.compensations.router_temperature import TEMPERATURES
 from fair_moe.units.experts.routing import masked_experts
 
@@ -39,7 +40,7 @@ def _write(model, plan, out, streamed, tmp_path):
 def test_router_temperature_round_trip(family, streamed, tmp_path):
     model = build_model(family_configs()[family], seed=5)
     plan = grouped_uneven_plan(model)
-    record = COMPENSATIONS.get("router-temperature").fit(model, plan.kept, FIT, 4)
+    record = COMPENSATIONS.get("router-temperature").fit(model, plan.kept, FitData(FIT))
     full = [i for i, kept in plan.kept.items() if len(kept) == plan.width]
     assert all(record.per_layer[i] == 1.0 for i in full)  # nothing removed: the original routing is best
     assert set(record.per_layer.values()) <= set(TEMPERATURES)
@@ -58,7 +59,7 @@ def test_merge_round_trip(family, tmp_path):
     model = build_model(family_configs()[family], seed=5)
     plan = grouped_uneven_plan(model)
     merge = COMPENSATIONS.get("merge")
-    record = merge.fit(model, plan.kept, FIT, 4)
+    record = merge.fit(model, plan.kept, FitData(FIT))
     for layer, groups in record.per_layer.items():
         removed = set(range(plan.width)) - set(plan.kept[layer])
         for target, members in groups.items():
@@ -103,7 +104,7 @@ def test_layer_scale_compensation_round_trip(tmp_path):
     plan = PrunePlan("qwen2_moe", "experts", 12, {0: [4, 7, 9], 1: list(range(12)), 2: [0, 3, 5, 6, 8, 10, 11]},
                      top_k=3)
     ids = torch.randint(1, 97, (4, 24), generator=torch.Generator().manual_seed(3))
-    record = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, ids, 4)
+    record = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(ids))
     scales = record.per_layer
     assert scales[1] == pytest.approx(1.0)  # layer 1 keeps every expert: nothing to compensate
     assert abs(scales[0] - 1.0) > 1e-3
@@ -140,7 +141,7 @@ def test_layer_scale_is_the_least_squares_solution():
         w2, i2 = adapter.route(layer.router, logits, removed)
         y, y_hat = layer.experts(x, i, w).double(), layer.experts(x, i2, w2).double()
     expected = (y * y_hat).sum() / (y_hat * y_hat).sum()
-    fitted = COMPENSATIONS.get("layer-scale").fit(model, kept, ids, 4).per_layer[0]
+    fitted = COMPENSATIONS.get("layer-scale").fit(model, kept, FitData(ids)).per_layer[0]
     assert fitted == pytest.approx(expected.item(), rel=1e-6)
 
 

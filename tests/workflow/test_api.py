@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from fair_moe import PlanSettings, apply_plan, compute_scores, make_plan, prune_model, reference, save_pruned
 from fair_moe.calibration.text import CalibrationSource
 from fair_moe.strategies import COMPENSATIONS
+from fair_moe.strategies.compensations import FitData
 
 
 def _sources():
@@ -29,7 +30,7 @@ def test_no_state_travels_on_the_model():
     model = build_model(tiny_qwen2_moe_config(), seed=1)
     scores = compute_scores(model, CharTokenizer(), _sources(), samples=8, seq_len=32, batch_size=4, progress=False)
     plan = make_plan(scores, PlanSettings(budget=0.5, allocation="tod"))
-    plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, scores.calibration_ids, 4)
+    plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(scores.calibration_ids))
     with reference(model, plan):
         pass
     assert _fair_moe_attributes(model) == []
@@ -57,7 +58,7 @@ def test_apply_plan_folds_then_slices():
     model = build_model(tiny_qwen2_moe_config(), seed=1)
     scores = compute_scores(model, CharTokenizer(), _sources(), samples=8, seq_len=32, batch_size=4, progress=False)
     plan = make_plan(scores, PlanSettings(budget=0.25, allocation="uniform"))
-    plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, scores.calibration_ids, 4)
+    plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(scores.calibration_ids))
     layer0 = model.model.layers[0].mlp.experts.down_proj.detach().clone()
     apply_plan(model, plan)
     kept = plan.kept[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fair_moe.core.registry import Registry
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
 Transform = Callable[["CheckpointKey", "Tensor"], "Tensor"]
 
 
+@dataclass
+class FitData:
+    """What a compensation is fitted on: calibration ``windows [n, S]``, processed ``batch_size`` at a time;
+    ``options`` are its ``--compensate-option`` values (``parse_options``), ``seed`` fixes any sampling."""
+
+    windows: Tensor
+    batch_size: int = 4
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    progress: bool = False
+
+
 class Compensation:
     """One compensation. Class attributes are the facts the rest of fair_moe reads."""
 
@@ -32,11 +45,29 @@ class Compensation:
     changes: str  # what it does to the weights, for the model card ("… multiplied by a per-layer scale")
     streamable: bool = True  # whether ``transform`` can apply it key by key while streaming
     auto_candidate: bool = False  # whether --compensate auto considers it
+    options: dict[str, tuple[type, object, str]] = {}  # --compensate-option NAME=VALUE: (type, default, help)
 
-    def fit(self, model: nn.Module, kept: dict[int, list[int]], windows: Tensor, batch_size: int
-            ) -> CompensationRecord | None:
-        """Fit on ``windows [n, S]`` of calibration text; None when there is nothing to change."""
+    def fit(self, model: nn.Module, kept: dict[int, list[int]], data: FitData) -> CompensationRecord | None:
+        """Fit for the plan keeping ``kept`` (layer → expert ids); None when there is nothing to change."""
         return None
+
+    def parse_options(self, pairs: tuple[str, ...]) -> dict:
+        """``("steps=200", …)`` → {name: typed value} over the defaults; a FairMoeError names what is wrong."""
+        from fair_moe.core.errors import FairMoeError
+
+        values = {name: default for name, (_, default, _) in self.options.items()}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            if not sep or name.strip() not in self.options:
+                known = ", ".join(f"{n} ({h}; default {d})" for n, (_, d, h) in self.options.items()) or "none"
+                raise FairMoeError(f"--compensate-option {pair!r} is not an option of --compensate {self.name} "
+                                   f"(its options: {known})")
+            kind = self.options[name.strip()][0]
+            try:
+                values[name.strip()] = kind(text.strip())
+            except ValueError as err:
+                raise FairMoeError(f"--compensate-option {pair!r}: {text!r} is not a {kind.__name__}") from err
+        return values
 
     def reference(self, model: nn.Module, record: CompensationRecord) -> contextlib.AbstractContextManager:
         """Inside the block the original model behaves as if the compensation were folded in (entered before
@@ -58,6 +89,11 @@ class Compensation:
 
 
 COMPENSATIONS: Registry[Compensation] = Registry("compensation", "--compensate")
+
+
+def options_for(compensation: Compensation, pairs: tuple[str, ...]) -> dict:
+    """The ``--compensate-option`` pairs that name one of ``compensation``'s options, parsed over its defaults."""
+    return compensation.parse_options(tuple(p for p in pairs if p.partition("=")[0].strip() in compensation.options))
 
 
 def forward_all(model: nn.Module, input_ids: Tensor, batch_size: int) -> None:

@@ -33,7 +33,7 @@ class LayerScale(Compensation):
                "scale s (fitted by least squares so the pruned routed output matches the original one)")
     auto_candidate = True
 
-    def fit(self, model, kept, windows, batch_size):
+    def fit(self, model, kept, data):
         from fair_moe.units.experts.routing import masked_experts
 
         sums: dict[int, list[float]] = {index: [0.0, 0.0] for index in kept}  # Σ⟨y, ŷ⟩, Σ‖ŷ‖²
@@ -47,9 +47,9 @@ class LayerScale(Compensation):
             return pruned
 
         with torch.no_grad(), masked_experts(model, kept, tap):
-            forward_all(model, windows, batch_size)
+            forward_all(model, data.windows, data.batch_size)
         scales = {index: (xy / yy if yy > 0 else 1.0) for index, (xy, yy) in sums.items()}
-        return CompensationRecord(self.name, scales, {"fit_windows": len(windows)})
+        return CompensationRecord(self.name, scales, {"fit_windows": len(data.windows)})
 
     @contextlib.contextmanager
     def reference(self, model, record):

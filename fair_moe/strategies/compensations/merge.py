@@ -26,7 +26,7 @@ class Merge(Compensation):
                "the removed experts merged into them (listed in fair_moe_plan.json)")
     streamable = False
 
-    def fit(self, model, kept, windows, batch_size):
+    def fit(self, model, kept, data):
         from fair_moe.adapters import get_adapter
         from fair_moe.units.experts.routing import expert_outputs, masked_experts, routed_pairs
 
@@ -45,9 +45,9 @@ class Merge(Compensation):
             return None
 
         with torch.no_grad(), masked_experts(model, None, tap):
-            forward_all(model, windows, batch_size)
+            forward_all(model, data.windows, data.batch_size)
         merges = {index: _groups(kept[index], counts[index], sums.get(index)) for index in layers}
-        return CompensationRecord(self.name, merges, {"fit_windows": len(windows)})
+        return CompensationRecord(self.name, merges, {"fit_windows": len(data.windows)})
 
     @contextlib.contextmanager
     def reference(self, model, record):

@@ -31,7 +31,7 @@ class RouterTemperature(Compensation):
     changes = ("each MoE layer's router weight (and router bias) was multiplied by that layer's temperature t, "
                "chosen so the pruned routing reproduces the original routed output best")
 
-    def fit(self, model, kept, windows, batch_size, grid: tuple[float, ...] = TEMPERATURES):
+    def fit(self, model, kept, data, grid: tuple[float, ...] = TEMPERATURES):
         from fair_moe.units.experts.routing import masked_experts
 
         errors = {index: torch.zeros(len(grid), dtype=torch.float64) for index in kept}
@@ -46,9 +46,9 @@ class RouterTemperature(Compensation):
             return pruned
 
         with torch.no_grad(), masked_experts(model, kept, tap):
-            forward_all(model, windows, batch_size)
+            forward_all(model, data.windows, data.batch_size)
         temperatures = {index: float(grid[int(torch.argmin(err))]) for index, err in errors.items()}
-        return CompensationRecord(self.name, temperatures, {"fit_windows": len(windows)})
+        return CompensationRecord(self.name, temperatures, {"fit_windows": len(data.windows)})
 
     @contextlib.contextmanager
     def reference(self, model, record):

@@ -20,6 +20,7 @@ from torch import nn
 
 from fair_moe.adapters import get_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.units.experts import modeling_template
@@ -134,7 +135,7 @@ def save_pruned(model: nn.Module, folder: Path, dtype: torch.dtype | None = None
 def verify_expert_keys(folder: Path, plan: PrunePlan, adapter: FusedExpertsAdapter) -> None:
     """Every saved layer holds exactly the planned number of experts, numbered 0 … n−1."""
     keys = []
-    for shard in sorted(Path(folder).glob("*.safetensors")):
+    for shard in weight_files(folder):
         with safe_open(str(shard), "pt") as f:
             keys.extend(f.keys())
     found = adapter.saved_expert_ids(keys)

@@ -1,0 +1,334 @@
+"""``router-kd``: router-only knowledge distillation [ours, after arXiv 2603.02217, "Is Retraining-Free Enough?
+The Necessity of Router Calibration"].
+
+Only the kept experts' router rows are trained (the rows of the router weight, and of the router bias where
+the router has one), so that the pruned model follows the dense one. Every other weight stays as it is: the
+checkpoint keeps the stock architecture and differs from the masked original only in those rows. Objectives
+(``--compensate-option objective=…``):
+
+- ``kl`` (default), end to end: KL(dense ‖ pruned) of the next-token distributions on calibration windows. The
+  teacher is the same weights without the mask, so no second copy of the model is held;
+- ``local``, one MoE layer at a time: ‖y_dense − y_pruned‖² of the layer's routed-experts output on its own
+  inputs (captured once from the pruned model, at most ``max_tokens`` tokens per layer), so only one layer
+  trains at a time and offloaded weights are brought in per layer.
+
+Every fourth fit window is held out for early stopping: the rows with the lowest held-out loss are kept, and
+training stops after ``patience`` evaluations without improvement. Adam's step is ``lr`` × the RMS of the
+layer's router weight, so one setting suits routers of any scale. The plan records the objective, steps,
+learning rate and initial / final losses; the rows are saved in ``fair_moe_compensation.safetensors``. With
+``steps=0`` the rows are the original ones and the checkpoint equals ``--compensate none``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from fair_moe.core.lazy import lazy_module
+from fair_moe.core.plan import CompensationRecord
+from fair_moe.strategies.compensations.base import COMPENSATIONS, Compensation
+
+torch = lazy_module("torch")
+
+
+@COMPENSATIONS.register
+class RouterKD(Compensation):
+    name = "router-kd"
+    description = "train the kept experts' router rows so the pruned model follows the dense one (router KD)"
+    changes = ("each MoE layer's router rows for the kept experts (weight, and bias where the router has one) were "
+               "replaced by rows trained so that the pruned model follows the dense model (router knowledge "
+               "distillation); every other weight is the base model's")
+    options = {
+        "objective": (str, "kl", "kl: end-to-end next-token KL; local: per-layer routed-output error"),
+        "steps": (int, 60, "optimiser steps at most"),
+        "lr": (float, 0.02, "Adam step relative to the RMS of the layer's router weight"),
+        "eval_every": (int, 5, "steps between held-out evaluations"),
+        "patience": (int, 4, "held-out evaluations without improvement before stopping"),
+        "max_tokens": (int, 16384, "tokens per layer kept for the local objective"),
+    }
+
+    def fit(self, model, kept, data):
+        options = {**self.parse_options(()), **data.options}
+        if options["objective"] not in ("kl", "local"):
+            from fair_moe.core.errors import FairMoeError
+
+            raise FairMoeError(f"--compensate-option objective={options['objective']}: use kl or local")
+        rows = RouterRows(model, kept)
+        windows = data.windows
+        held = windows[::4] if len(windows) > 1 else windows
+        train = windows[[i for i in range(len(windows)) if i % 4]] if len(windows) > 1 else windows
+        train_fn = _train_kl if options["objective"] == "kl" else _train_local
+        history = train_fn(model, rows, train, held, data.batch_size, data.seed, {**options,
+                                                                                "progress": data.progress})
+        fit = {"objective": options["objective"], "lr": options["lr"], "max_steps": options["steps"],
+               "train_windows": len(train), "held_out_windows": len(held), **history}
+        return CompensationRecord(self.name, rows.record(), fit)
+
+    @contextlib.contextmanager
+    def reference(self, model, record):
+        with _substituted(model, record):
+            yield
+
+    def fold(self, model, record):
+        with torch.no_grad():
+            for tensor, ids, value in _targets(model, record):
+                tensor[ids] = value.to(tensor.device, tensor.dtype)
+
+    def transform(self, model, record):
+        from fair_moe.adapters import get_adapter
+
+        adapter = get_adapter(model.config)
+        table = {int(k): v for k, v in record.per_layer.items()}
+
+        def transform(ref, tensor):
+            entry = table.get(ref.layer)
+            if ref.part != "router" or entry is None or adapter.is_selection_bias(ref.name):
+                return tensor
+            name = ref.name.rsplit(".", 1)[-1]
+            if name not in entry:
+                return tensor
+            out = tensor.clone()
+            out[torch.tensor(entry["kept"])] = entry[name].to(out.dtype)
+            return out
+
+        return transform
+
+    def summary(self, record):
+        fit = record.fit
+        return (f"router KD ({fit.get('objective')}): {fit.get('steps')} steps, held-out loss "
+                f"{fit.get('held_out_initial', float('nan')):.4g} → {fit.get('held_out_final', float('nan')):.4g}; "
+                f"router rows of layers {', '.join(str(k) for k in sorted(record.per_layer))} trained")
+
+
+class RouterRows:
+    """The trainable rows: per MoE layer that lost experts, its kept experts' rows of every logit-making router
+    parameter (float32 masters), and a way to build the full router tensors from them."""
+
+    def __init__(self, model, kept: dict[int, list[int]]):
+        from fair_moe.adapters import get_adapter
+
+        self.adapter = get_adapter(model.config)
+        self.layers = [layer for layer in self.adapter.moe_layers(model)
+                       if layer.index in kept and len(kept[layer.index]) < layer.num_experts]
+        self.kept = {layer.index: sorted(kept[layer.index]) for layer in self.layers}
+        self.params: dict[int, dict[str, torch.nn.Parameter]] = {}
+        self.scale: dict[int, float] = {}
+        for layer in self.layers:
+            ids = torch.tensor(self.kept[layer.index])
+            names = [n for n in self.adapter.router_tensor_names(layer.router, layer.num_experts)
+                     if n in layer.router._parameters and not self.adapter.is_selection_bias(n)]
+            self.params[layer.index] = {
+                n: torch.nn.Parameter(getattr(layer.router, n).detach()[ids].float().clone()) for n in names}
+            self.scale[layer.index] = layer.router.weight.detach().float().pow(2).mean().sqrt().item()
+
+    def full(self, layer, name: str):
+        """The router's full tensor ``name`` [E, …] with the kept rows taken from the trainable masters."""
+        base = getattr(layer.router, name).detach()
+        ids = torch.tensor(self.kept[layer.index], device=base.device)
+        return base.index_put((ids,), self.params[layer.index][name].to(base.dtype))
+
+    def substitutions(self, model) -> dict:
+        """{parameter path: full tensor} for torch.func.functional_call over the whole model."""
+        paths = {id(m): n for n, m in model.named_modules()}
+        return {f"{paths[id(layer.router)]}.{name}": self.full(layer, name)
+                for layer in self.layers for name in self.params[layer.index]}
+
+    def snapshot(self) -> dict:
+        return {i: {n: p.detach().clone() for n, p in ps.items()} for i, ps in self.params.items()}
+
+    def restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for i, ps in self.params.items():
+                for n, p in ps.items():
+                    p.copy_(snapshot[i][n])
+
+    def record(self) -> dict:
+        return {i: {"kept": self.kept[i], **{n: p.detach().clone() for n, p in ps.items()}}
+                for i, ps in self.params.items()}
+
+    def optimiser(self, lr: float, layers=None):
+        groups = [{"params": list(self.params[layer.index].values()), "lr": lr * self.scale[layer.index]}
+                  for layer in (layers or self.layers)]
+        return torch.optim.Adam(groups)
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Model parameters frozen (no gradients stored for them); restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _kl(student_logits, teacher_logits) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) of next-token distributions; logits [B, S, V]."""
+    s = torch.log_softmax(student_logits.float().flatten(0, 1), dim=-1)
+    t = torch.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -> dict:
+    from tqdm.auto import tqdm
+
+    from fair_moe.metrics import execution_device
+    from fair_moe.units.experts.routing import masked_experts
+
+    device = execution_device(model)
+
+    def loss_on(ids, grad: bool) -> torch.Tensor:
+        ids = ids.to(device)
+        with torch.no_grad():
+            teacher = model(input_ids=ids, use_cache=False).logits
+        with torch.set_grad_enabled(grad), masked_experts(model, rows.kept):
+            student = torch.func.functional_call(model, rows.substitutions(model), (),
+                                                 {"input_ids": ids, "use_cache": False}, strict=False).logits
+        return _kl(student, teacher)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return sum(loss_on(held[i : i + batch_size], False).item() * len(held[i : i + batch_size])
+                       for i in range(0, len(held), batch_size)) / len(held)
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            order = torch.randperm(len(train), generator=gen)
+            for i in range(0, len(order), batch_size):
+                yield train[order[i : i + batch_size]]
+
+    with _frozen(model):
+        return _optimise(rows, rows.optimiser(options["lr"]), batches(), lambda b: loss_on(b, True), held_loss,
+                         options, tqdm)
+
+
+def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options) -> dict:
+    """One layer at a time on captured (input, dense routed output) pairs; losses summed over layers."""
+    from tqdm.auto import tqdm
+
+    captured_train = _capture(model, rows, train, batch_size, options["max_tokens"], seed)
+    captured_held = _capture(model, rows, held, batch_size, options["max_tokens"], seed + 1)
+    totals: dict = {}
+    with _frozen(model):
+        for layer in rows.layers:
+            x, y = captured_train[layer.index]
+            hx, hy = captured_held[layer.index]
+            removed = torch.ones(layer.num_experts, dtype=torch.bool)
+            removed[rows.kept[layer.index]] = False
+            gen = torch.Generator().manual_seed(seed + layer.index)
+            step_tokens = max(256, min(2048, len(x)))
+
+            def batches(x=x, y=y, gen=gen, size=step_tokens):
+                while True:
+                    order = torch.randperm(len(x), generator=gen)
+                    for i in range(0, len(order), size):
+                        yield x[order[i : i + size]], y[order[i : i + size]]
+
+            def loss_on(batch, layer=layer, removed=removed):
+                bx, by = batch
+                return _layer_error(rows, layer, removed, bx, by)
+
+            def held_loss(layer=layer, removed=removed, hx=hx, hy=hy):
+                with torch.no_grad():
+                    return _layer_error(rows, layer, removed, hx, hy).item()
+
+            history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches(), loss_on, held_loss,
+                                options, tqdm, f"router KD, layer {layer.index}")
+            for key, value in history.items():
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _layer_error(rows: RouterRows, layer, removed, x, y) -> torch.Tensor:
+    """Mean squared error of the layer's routed output under the trained rows against the dense output."""
+    subs = {name: rows.full(layer, name) for name in rows.params[layer.index]}
+    out = torch.func.functional_call(layer.router, subs, (x,), strict=False)
+    logits = rows.adapter.router_logits(out)
+    weights, ids = rows.adapter.route(layer.router, logits, removed)
+    y_hat = layer.experts(x, ids, weights.to(x.dtype))
+    return (y_hat.float() - y.float()).pow(2).mean()
+
+
+def _capture(model, rows: RouterRows, windows, batch_size, max_tokens, seed) -> dict:
+    """Per trained layer, (experts input [N, H], dense routed output [N, H]) from one pass of the pruned model."""
+    from fair_moe.strategies.compensations.base import forward_all
+    from fair_moe.units.experts.routing import masked_experts
+
+    store: dict = {layer.index: ([], []) for layer in rows.layers}
+
+    def tap(call):
+        if call.layer.index in store:
+            xs, ys = store[call.layer.index]
+            xs.append(call.hidden_states.detach().float().cpu())
+            ys.append(call.unmasked_output().detach().float().cpu())
+        return None
+
+    with torch.no_grad(), masked_experts(model, rows.kept, tap):
+        forward_all(model, windows, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    result = {}
+    for index, (xs, ys) in store.items():
+        x, y = torch.cat(xs), torch.cat(ys)
+        if len(x) > max_tokens:
+            pick = torch.randperm(len(x), generator=gen)[:max_tokens]
+            x, y = x[pick], y[pick]
+        device = next(rows.layers[[la.index for la in rows.layers].index(index)].experts.parameters()).device
+        result[index] = (x.to(device), y.to(device))
+    return result
+
+
+def _optimise(rows: RouterRows, optimiser, batches, loss_on, held_loss, options, tqdm, desc="router KD") -> dict:
+    """Adam steps with held-out early stopping; the best rows are left in ``rows``. Returns the loss history."""
+    initial = best = held_loss()
+    best_rows, best_step, stale, step, train_loss = rows.snapshot(), 0, 0, 0, float("nan")
+    bar = tqdm(range(options["steps"]), desc=desc, unit="step", leave=False, disable=not options["progress"])
+    for step in bar:
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_on(next(batches))
+        loss.backward()
+        optimiser.step()
+        train_loss = loss.item()
+        if (step + 1) % options["eval_every"] == 0 or step + 1 == options["steps"]:
+            current = held_loss()
+            bar.set_postfix(held_out=f"{current:.4g}")
+            if current < best:
+                best, best_rows, best_step, stale = current, rows.snapshot(), step + 1, 0
+            else:
+                stale += 1
+                if stale >= options["patience"]:
+                    break
+    rows.restore(best_rows)
+    return {"steps": (step + 1) if options["steps"] else 0, "best_step": best_step, "held_out_initial": initial,
+            "held_out_final": best, "train_loss_last": train_loss}
+
+
+def _targets(model, record):
+    """(router tensor, kept ids, learned rows) for every trained tensor of the record."""
+    from fair_moe.adapters import get_adapter
+
+    layers = {layer.index: layer for layer in get_adapter(model.config).moe_layers(model)}
+    for index, entry in record.per_layer.items():
+        router = layers[int(index)].router
+        ids = torch.tensor(entry["kept"])
+        for name, value in entry.items():
+            if name != "kept":
+                yield getattr(router, name), ids, value
+
+
+@contextlib.contextmanager
+def _substituted(model, record):
+    """Inside the block the routers carry the learned rows; their own values come back on exit."""
+    saved = [(tensor, tensor.detach().clone()) for tensor, _, _ in _targets(model, record)]
+    try:
+        with torch.no_grad():
+            for tensor, ids, value in _targets(model, record):
+                tensor[ids] = value.to(tensor.device, tensor.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
