@@ -1,6 +1,6 @@
 """Allocation: how many units each layer loses, and which ones. Pure functions on score tensors.
 
-Notation (METHOD.md §2–§3): a layer has n units with removal scores ``u [n]`` (low = remove first)
+Notation (docs/METHOD.md §2–§3): a layer has n units with removal scores ``u [n]`` (low = remove first)
 and protection scores ``r [n]`` (high = protect). ``rem`` is ``u`` ascending, ``prot`` is ``r``
 descending; both orders are stable, so ties go to the lower unit id. ``ToD(k) = |rem[:k] ∩ prot[:k]| / k``
 for k = 1 … n_max, and a layer's units removed are always ``rem[:k]``.
@@ -82,7 +82,7 @@ def tod_counts(curves: list[torch.Tensor], alpha: float) -> list[int]:
 
 
 def match_budget(curves: list[torch.Tensor], next_r: list[torch.Tensor], total: int) -> tuple[list[int], float]:
-    """Per-layer counts summing to exactly ``total`` and the tolerance α* (METHOD.md §3).
+    """Per-layer counts summing to exactly ``total`` and the tolerance α* (docs/METHOD.md §3).
 
     α* is the smallest value ToD takes anywhere with Σ_l k_l(α*) ≥ total. Every layer first gets
     k_l(α* − ε); the rest is handed out one unit at a time among the layers whose count jumps at α*,

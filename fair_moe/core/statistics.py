@@ -20,7 +20,7 @@ class SignalStatistics:
     """Per-unit sums, rows in the order of ``layer_indices`` ([L, n] float64 tensors).
 
     - ``taylor``: signed Σ over calibration tokens of ⟨∂L/∂y, the unit's contribution to y⟩, which equals
-      Σ (∂L/∂W ⊙ W) over the unit's output parameters (METHOD.md §1);
+      Σ (∂L/∂W ⊙ W) over the unit's output parameters (docs/METHOD.md §1);
     - ``count``: tokens routed to the unit; ``output_norm``: Σ ‖f(x)‖ and ``gated_norm``: Σ g·‖f(x)‖ over them;
     - ``class_samples(row)``: for layer row ``row``, one [n_c, n] matrix per calibration class holding each
       sample's per-unit value (the distributions the wasserstein signal compares).

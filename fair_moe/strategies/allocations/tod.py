@@ -1,4 +1,4 @@
-"""``tod``: Tolerance of Difference, the FAIR-Pruner paper's rule (METHOD.md §2–§3)."""
+"""``tod``: Tolerance of Difference, the FAIR-Pruner paper's rule (docs/METHOD.md §2–§3)."""
 
 from __future__ import annotations
 

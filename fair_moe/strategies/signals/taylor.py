@@ -1,4 +1,4 @@
-"""``taylor``: the protection R = |Σ over calibration batches of Σ_params (∂L/∂W ⊙ W)| (METHOD.md §1).
+"""``taylor``: the protection R = |Σ over calibration batches of Σ_params (∂L/∂W ⊙ W)| (docs/METHOD.md §1).
 
 The sign is kept while summing over batches and the absolute value taken once at the end.
 """

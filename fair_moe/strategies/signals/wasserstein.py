@@ -1,7 +1,7 @@
 """``wasserstein``: the paper's U-score — how well a unit's output separates the calibration classes.
 
 Per unit, U = max over class pairs of the 1-D Wasserstein-1 distance between the two classes' empirical
-distributions of the unit's per-sample value (METHOD.md §1). Needs at least two classes.
+distributions of the unit's per-sample value (docs/METHOD.md §1). Needs at least two classes.
 """
 
 from __future__ import annotations

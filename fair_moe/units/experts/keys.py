@@ -1,4 +1,4 @@
-"""What each key of a MoE checkpoint becomes when streamed through a plan (rules of METHOD.md §4).
+"""What each key of a MoE checkpoint becomes when streamed through a plan (rules of docs/METHOD.md §5).
 
 The adapter says what a key is (router rows, a per-expert tensor, a fused expert tensor); then:
 

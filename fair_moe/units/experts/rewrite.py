@@ -1,4 +1,4 @@
-"""Checkpoint surgery in memory: slice the removed experts out and save a loadable checkpoint (METHOD.md §4).
+"""Checkpoint surgery in memory: slice the removed experts out and save a loadable checkpoint (docs/METHOD.md §5).
 
 Router rows (and router bias / selection bias) and every per-expert tensor are sliced along the
 expert dimension, kept experts in their original relative order. A plan with one count everywhere
