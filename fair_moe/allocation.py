@@ -81,41 +81,93 @@ def tod_counts(curves: list[torch.Tensor], alpha: float) -> list[int]:
     return [tod_count(c, alpha) for c in curves]
 
 
-def match_budget(curves: list[torch.Tensor], next_r: list[torch.Tensor], total: int) -> tuple[list[int], float]:
-    """Per-layer counts summing to exactly ``total`` and the tolerance α* (docs/METHOD.md §3).
+def admissible(curve: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Step counts a layer may take at tolerance α: bool [len(curve) + 1], entry k for k steps (k = 0 always)."""
+    return torch.cat([torch.ones(1, dtype=torch.bool), curve <= alpha])
 
-    α* is the smallest value ToD takes anywhere with Σ_l k_l(α*) ≥ total. Every layer first gets
-    k_l(α* − ε); the rest is handed out one unit at a time among the layers whose count jumps at α*,
-    each time to the layer whose next removal candidate has the lowest protection score.
+
+def reachable(curves: list[torch.Tensor], alpha: float, total: int) -> bool:
+    """Whether per-layer counts k_l, each admissible at α, can sum to exactly ``total`` (a subset-sum)."""
+    reach = torch.zeros(total + 1, dtype=torch.bool)
+    reach[0] = True
+    for curve in curves:
+        nxt = torch.zeros_like(reach)
+        for k in torch.nonzero(admissible(curve, alpha)).flatten().tolist():
+            if k <= total:
+                nxt[k:] |= reach[: total + 1 - k]
+        reach = nxt
+    return bool(reach[total])
+
+
+def match_budget(curves: list[torch.Tensor], step_protection: list[torch.Tensor], total: int
+                 ) -> tuple[list[int], float]:
+    """Per-layer counts summing to exactly ``total`` in which every layer honours one tolerance α* (docs/METHOD.md §3).
+
+    α* is the smallest value ToD takes (or 0) at which every layer can take a k_l with ToD_l(k_l) ≤ α* (k_l = 0
+    always allowed) and Σ_l k_l = total — found by bisection, since the admissible sets only grow with α. Among
+    the choices at α*, the fewest layers leave the paper's own count (their largest admissible k), then the
+    least protection is removed, then earlier layers keep the paper's count.
 
     Args:
-        curves: ToD curves, one float64 [n_max_l] per layer.
-        next_r: per layer, protection scores in removal order [n_max_l] (entry j: R of rem[j]).
-        total: units to remove over all layers.
+        curves: ToD curves, one float64 [n_max_l] per layer (entry j: ToD after j + 1 steps).
+        step_protection: per layer, R removed by each step in removal order, float64 [n_max_l].
+        total: steps to remove over all layers.
     """
     capacity = sum(len(c) for c in curves)
     if total > capacity:
-        raise FairMoeError(
-            f"cannot remove {total} units: at most {capacity} can go while every layer keeps its minimum"
-        )
+        raise FairMoeError(f"cannot remove {total} units: at most {capacity} can go while every layer keeps its "
+                           "minimum")
     if total <= 0:
         return [0] * len(curves), 0.0
     values = torch.unique(torch.cat([c for c in curves if len(c)] + [torch.zeros(1, dtype=torch.float64)]))
-    lo, hi = 0, len(values) - 1  # values[hi] is the largest ToD value, where every layer reaches n_max
+    lo, hi = 0, len(values) - 1  # at values[hi], the largest ToD value, every k up to n_max is admissible
     while lo < hi:
         mid = (lo + hi) // 2
-        if sum(tod_counts(curves, float(values[mid]))) >= total:
+        if reachable(curves, float(values[mid]), total):
             hi = mid
         else:
             lo = mid + 1
     alpha = float(values[lo])
-    counts = [tod_count(c, alpha, strict=True) for c in curves]
-    ceilings = tod_counts(curves, alpha)
-    for _ in range(total - sum(counts)):
-        open_layers = [i for i in range(len(curves)) if counts[i] < ceilings[i]]
-        best = min(open_layers, key=lambda i: (float(next_r[i][counts[i]]), i))
-        counts[best] += 1
-    return counts, alpha
+    return _cheapest_exact_choice(curves, step_protection, alpha, total), alpha
+
+
+def _cheapest_exact_choice(curves, step_protection, alpha: float, total: int) -> list[int]:
+    """The tie rule of ``match_budget`` as a dynamic programme over layers and running totals.
+
+    Costs are compared as (layers off the paper's count, protection removed), lexicographically; a layer's
+    options are visited from the largest k down, so equal costs keep the larger k of the later layers.
+    """
+    inf = float("inf")
+    off = torch.full((total + 1,), inf, dtype=torch.float64)
+    prot = torch.full((total + 1,), inf, dtype=torch.float64)
+    off[0] = prot[0] = 0.0
+    choices = []
+    for curve, removed_r in zip(curves, step_protection, strict=True):
+        options = torch.nonzero(admissible(curve, alpha)).flatten().tolist()
+        paper_k = options[-1]
+        cost = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(removed_r.double(), 0)])
+        new_off = torch.full_like(off, inf)
+        new_prot = torch.full_like(prot, inf)
+        choice = torch.full((total + 1,), -1, dtype=torch.long)
+        for k in reversed(options):
+            if k > total:
+                continue
+            cand_off = torch.full_like(off, inf)
+            cand_prot = torch.full_like(prot, inf)
+            cand_off[k:] = off[: total + 1 - k] + float(k != paper_k)
+            cand_prot[k:] = prot[: total + 1 - k] + float(cost[k])
+            better = (cand_off < new_off) | ((cand_off == new_off) & (cand_prot < new_prot))
+            new_off = torch.where(better, cand_off, new_off)
+            new_prot = torch.where(better, cand_prot, new_prot)
+            choice = torch.where(better, torch.full_like(choice, k), choice)
+        off, prot = new_off, new_prot
+        choices.append(choice)
+    counts, t = [], total
+    for choice in reversed(choices):
+        k = int(choice[t])
+        counts.append(k)
+        t -= k
+    return counts[::-1]
 
 
 def _removed(u_row: torch.Tensor, steps: int, groups: int) -> list[int]:
@@ -139,9 +191,9 @@ def tod(
     if alpha is not None:
         counts = tod_counts(curves, alpha)
     else:
-        # A step's protection is the mean R of the units it removes (R itself when groups == 1).
-        next_r = [r[i].double()[removal_steps(u[i], groups)[: len(curves[i])]].mean(dim=1) for i in range(len(u))]
-        counts, alpha = match_budget(curves, next_r, _steps(total, groups))
+        # A step's protection is the R of the units it removes (R itself when groups == 1).
+        step_r = [r[i].double()[removal_steps(u[i], groups)[: len(curves[i])]].sum(dim=1) for i in range(len(u))]
+        counts, alpha = match_budget(curves, step_r, _steps(total, groups))
     return Allocation(removed=[_removed(u[i], counts[i], groups) for i in range(len(u))], alpha=alpha)
 
 

@@ -1,12 +1,14 @@
-"""Cost of fair_moe's calibration pass against its floor: one plain forward + backward over the same tokens.
+"""Cost of fair_moe's calibration pass against two floors over the same tokens.
 
     python scripts/bench_calibration.py                     # demo model and a 16-layer × 64-expert top-8 config
     python scripts/bench_calibration.py --only demo --batches 4
 
 Each measurement runs in a fresh subprocess, so peak RSS (ru_maxrss) is that mode's own: the number
-reported is the peak above the RSS right after the model was loaded (weights excluded). The floor
-freezes nothing: it is the training step a user would run anyway (parameter gradients included);
-fair_moe's pass stores no parameter gradients but keeps per-expert statistics.
+reported is the peak above the RSS right after the model was loaded (weights excluded). Floors:
+``params``: one plain forward + backward with parameter gradients (the training step a user would run);
+``activations``: the same with every parameter frozen and only the embedding output requiring grad — the
+true minimum for a score that needs ∂L/∂activations, since fair_moe stores no parameter gradient either.
+fair_moe's pass additionally keeps per-expert statistics.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def measure(name: str, mode: str, batches: int, batch: int, seq: int) -> dict:
     if mode == "floor":
         for _, ids in data:
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    elif mode == "floor-activations":
+        from fair_moe.units.autograd import activation_gradients_only
+
+        with activation_gradients_only(model):
+            for _, ids in data:
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     else:
         run_calibration(model, get_adapter(model.config).moe_layers(model), data, 2, seed=0, progress=False)
     seconds = time.perf_counter() - start
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for name in [args.only] if args.only else ["demo", "large"]:
-        for mode in ("floor", "fair_moe"):
+        for mode in ("floor", "floor-activations", "fair_moe"):
             cmd = [sys.executable, __file__, "--child", name, mode, "--batches", str(args.batches),
                    "--batch", str(args.batch), "--seq", str(args.seq)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

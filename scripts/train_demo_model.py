@@ -1,7 +1,13 @@
-"""Train the small MoE that fair_moe ships as its embedded default, on CPU, reproducibly.
+"""Train the small MoE that fair_moe ships as its embedded default, and the benchmark fixtures, on CPU.
 
     python scripts/train_demo_model.py                        # qwen2_moe demo -> fair_moe/data/demo_model
-    python scripts/train_demo_model.py --arch olmoe --out /tmp/olmoe_demo --steps 600
+    python scripts/train_demo_model.py --fixture olmoe        # -> bench_out/fixtures/olmoe/{model,calib,heldout}
+    python scripts/train_demo_model.py --fixture mixtral      # 8 experts, top-2, renormalised
+    python scripts/train_demo_model.py --fixture deepseek     # sigmoid + selection bias, shared expert
+
+Fixtures are the models the quality benchmark (scripts/bench_quality.py) runs on besides the demo; each
+takes its own train / calibration / held-out split of the corpus (``--corpus-seed``), so its held-out text
+is not the demo's. ``--fixture`` only fills in the arguments listed in ``FIXTURES``; any flag overrides.
 
 The text comes from scripts/demo_corpus.py (Python stdlib code, licence texts, Python reference docs).
 A byte-level BPE tokenizer is trained on the training split, then the model is trained with
@@ -22,13 +28,25 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast, Qwen2MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_corpus import DOC_SEPARATOR, DOMAINS, collect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
+FIXTURES = {  # name → arguments; outputs go to bench_out/fixtures/<name>/
+    "olmoe": {"arch": "olmoe", "steps": 800, "corpus_seed": 0},
+    "mixtral": {"arch": "mixtral", "steps": 1000, "corpus_seed": 1},
+    "deepseek": {"arch": "deepseek_v3", "steps": 1000, "corpus_seed": 2},
+}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -69,7 +87,41 @@ def build_config(arch: str, vocab_size: int):
         )
     if arch == "olmoe":
         return OlmoeConfig(**common, intermediate_size=96, norm_topk_prob=False)
-    raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe or olmoe")
+    if arch == "mixtral":  # few large experts, top-2, always renormalised
+        common.update(num_experts_per_tok=2)
+        common.pop("num_experts")
+        return MixtralConfig(**common, num_local_experts=8, intermediate_size=256)
+    if arch == "deepseek_v3":  # sigmoid scores + selection bias (balanced without an aux loss), a shared expert
+        common.pop("num_experts")
+        common.pop("output_router_logits")
+        common.pop("router_aux_loss_coef")
+        return DeepseekV3Config(**{**common, "num_key_value_heads": 4}, n_routed_experts=32, n_shared_experts=1,
+                                moe_intermediate_size=64, intermediate_size=256, first_k_dense_replace=0, n_group=1,
+                                topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=None,
+                                kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+    raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe, olmoe, mixtral or deepseek_v3")
+
+
+class SelectionBiasBalancer:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step every router's selection bias moves by
+    ``rate`` towards experts chosen less than average (and away from those chosen more)."""
+
+    def __init__(self, model, rate: float = 0.01):
+        self.rate = rate
+        self.counts: dict = {}
+        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        self.handles = [r.register_forward_hook(self._count) for r in self.routers]
+
+    def _count(self, router, args, output):
+        ids = output[2]
+        counts = torch.bincount(ids.flatten(), minlength=router.e_score_correction_bias.numel())
+        self.counts[router] = self.counts.get(router, 0) + counts
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for router, counts in self.counts.items():
+            router.e_score_correction_bias += self.rate * torch.sign(counts.float().mean() - counts.float())
+        self.counts = {}
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -103,24 +155,35 @@ def evaluate(model, streams: dict[str, torch.Tensor], seq: int) -> tuple[dict[st
     model.eval()
     ppl = {}
     counts = None
+    chosen: list = []  # the ids every router actually chose (selection biases included)
+    handles = [m.register_forward_hook(lambda r, a, out: chosen.append((r, out[2])))
+               for m in model.modules() if type(m).__name__.endswith(("Router", "TopkRouter", "TopKRouter"))]
     for name in sorted(streams):
         stream = streams[name]
         n = (len(stream) - 1) // seq
         nll, toks = 0.0, 0
         for i in range(0, n, 8):
             batch = torch.stack([stream[j * seq : j * seq + seq] for j in range(i, min(n, i + 8))])
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            chosen.clear()
+            out = model(input_ids=batch, labels=batch)
             nll += out.loss.item() * batch.numel()
             toks += batch.numel()
-            top_k = model.config.num_experts_per_tok
-            layer_counts = torch.stack(
-                [torch.bincount(r.topk(top_k, dim=-1).indices.flatten(), minlength=r.shape[-1])
-                 for r in out.router_logits]
-            )
+            order = {}
+            for router, ids in chosen:
+                order.setdefault(router, []).append(ids)
+            width = model.config.num_local_experts if hasattr(model.config, "num_local_experts") else None
+            layer_counts = torch.stack([torch.bincount(torch.cat(v).flatten(), minlength=width or router_width(r))
+                                        for r, v in order.items()])
             counts = layer_counts if counts is None else counts + layer_counts
         ppl[name] = math.exp(nll / toks)
+    for handle in handles:
+        handle.remove()
     model.train()
     return ppl, counts
+
+
+def router_width(router) -> int:
+    return router.weight.shape[0]
 
 
 def routing_report(counts: torch.Tensor) -> list[str]:
@@ -140,7 +203,9 @@ def routing_report(counts: torch.Tensor) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="qwen2_moe", choices=["qwen2_moe", "olmoe"])
+    parser.add_argument("--fixture", choices=sorted(FIXTURES), help="a benchmark fixture: its preset arguments, "
+                        "output in bench_out/fixtures/NAME/ (model/, calib/, heldout/)")
+    parser.add_argument("--arch", default="qwen2_moe", choices=["qwen2_moe", "olmoe", "mixtral", "deepseek_v3"])
     parser.add_argument("--out", type=Path, default=ROOT / "fair_moe" / "data" / "demo_model")
     parser.add_argument("--samples-out", type=Path, default=ROOT / "fair_moe" / "data",
                         help="where calib/ and heldout/ text samples go (skipped with --no-samples)")
@@ -151,13 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the train / calib / held-out split")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.fixture:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
+        for key, value in FIXTURES[args.fixture].items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+        if "--out" not in given:
+            args.out = ROOT / "bench_out" / "fixtures" / args.fixture / "model"
+        if "--samples-out" not in given:
+            args.samples_out = args.out.parent
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
-    splits = collect(seed=0)
+    splits = collect(seed=args.corpus_seed)
     tokenizer = train_tokenizer([d for s in splits.values() for d in s.train], args.vocab)
     train = {n: token_stream(tokenizer, splits[n].train) for n in DOMAINS}
     heldout = {n: token_stream(tokenizer, splits[n].heldout) for n in DOMAINS}
@@ -172,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
     )
     gen = torch.Generator().manual_seed(args.seed)
+    balancer = SelectionBiasBalancer(model) if args.arch == "deepseek_v3" else None
     model.train()
     for step in range(args.steps):
         batch = sample_batch(train, args.batch, args.seq, gen)
@@ -181,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if balancer is not None:
+            balancer.step()
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d} loss {loss.item():.3f} {time.time() - t0:6.0f}s", flush=True)
 
@@ -188,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - t0) / 60
     print("held-out perplexity", ppl, f"{minutes:.1f} min")
 
-    model.config.output_router_logits = False
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -196,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         f"# Demo model ({args.arch})",
         "",
         f"Trained by `python scripts/train_demo_model.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-        f"in {minutes:.1f} minutes on 2 CPU cores (seed {args.seed}, {args.steps} steps of {args.batch} x {args.seq} "
-        "tokens, domains drawn in proportion to the square root of their size, load-balancing loss 0.01).",
+        f"in {minutes:.1f} minutes on {args.threads} CPU thread(s) (seed {args.seed}, corpus split seed "
+        f"{args.corpus_seed}, {args.steps} steps of {args.batch} x {args.seq} tokens, domains drawn in proportion to "
+        "the square root of their size; "
+        + ("selection-bias balancing without an auxiliary loss)." if args.arch == "deepseek_v3"
+           else "load-balancing loss 0.01)."),
         "Text: Python standard-library sources (`python`), licence and copyright texts from /usr/share "
         "(`licenses`), Python reference documentation from `pydoc_data.topics` (`docs`); documents are split "
         "into train / calibration / held-out parts by scripts/demo_corpus.py, so no held-out or calibration "

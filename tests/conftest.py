@@ -37,16 +37,24 @@ def tiny_qwen2_moe_config(**overrides) -> Qwen2MoeConfig:
 
 
 def build_model(config, seed: int = 0):
+    """A tiny model with random weights, float32. Router weights are larger than the default init, so routing is
+    decisive and top-k never sits on a tie; every bias (router, expert, attention) and selection bias is random
+    and non-zero, so that bias handling is actually exercised (init leaves most of them at zero)."""
+    from fair_moe.adapters import get_adapter
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Larger router weights than the default init, so routing is decisive and top-k never sits on a tie.
-    # Selection biases get random non-zero values so that their handling is actually exercised.
+    try:
+        routers = {id(layer.router) for layer in get_adapter(model.config).moe_layers(model)}
+    except Exception:  # not a supported MoE (tests of refusals build those too)
+        routers = set()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
-                p.normal_(0, 0.5)
-            elif name.endswith("mlp.router.bias"):
-                p.normal_(0, 0.3)
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(module) in routers:
+                    p.normal_(0, 0.5 if name == "weight" else 0.3)
+                elif name == "bias" or name.endswith("_bias"):
+                    p.normal_(0, 0.02)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)

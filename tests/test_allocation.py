@@ -43,17 +43,66 @@ def test_n_max_caps_the_curve():
     assert allocate.tod_count(allocate.tod_curve(U_A, R_A, 2), 1.0) == 2
 
 
-def test_match_budget_hands_out_remainder_by_lowest_protection():
-    u, r = torch.stack([U_A, U_B]), torch.stack([R_A, R_B])
-    # α* = 1/2: k(α*-ε) = [3, 1]; both layers jump at 1/2. Next candidates: A's unit 3 (R=3), B's unit 1 (R=0) → B.
-    result = allocate.tod(u, r, [6, 6], total=5)
-    assert result.alpha == pytest.approx(0.5)
-    assert result.removed == [[0, 1, 2], [0, 1]]
-    assert allocate.tod(u, r, [6, 6], total=6).removed == [[0, 1, 2, 3], [0, 1]]
-    # α* = 1/3: k(α*-ε) = [0, 1]; only A jumps (to 3) and takes the remaining 3.
-    result = allocate.tod(u, r, [6, 6], total=4)
-    assert result.alpha == pytest.approx(1 / 3)
-    assert result.counts == [3, 1]
+# Hand-computed. Admissible k at α (k = 0 always): A: 1/3 → {3}, 1/2 → {2, 3, 4}, 4/5 → +5, 1 → +1, +6;
+# B: 0 → {1}, 1/2 → {1, 2}, 2/3 → +3, 3/4 → +4, 4/5 → +5, 1 → +6. α* is the least α at which admissible
+# counts sum to the total; then the fewest layers leave their largest admissible k, then the least R removed.
+HAND = {
+    1: ([0, 1], 0.0),      # B's k = 1 has ToD 0
+    2: ([0, 2], 1 / 2),    # nothing sums to 2 below 1/2; (0, 2) leaves only A off its k = 4, (2, 0) both
+    3: ([3, 0], 1 / 3),    # A's k = 3 (ToD 1/3); B stays at 0 rather than removing its most protected unit
+    4: ([3, 1], 1 / 3),    # both at their largest admissible k
+    5: ([3, 2], 1 / 2),    # (3, 2) and (4, 1) each leave one layer off; A's 4th unit has R = 3 > B's 2nd R = 0
+    6: ([4, 2], 1 / 2),
+    9: ([4, 5], 4 / 5),    # (4, 5) removes R 12, (5, 4) removes R 16
+    11: ([6, 5], 1.0),
+}
+
+
+@pytest.mark.parametrize("total", sorted(HAND))
+def test_exact_budget_tod_hand_cases(total):
+    counts, alpha = HAND[total]
+    result = allocate.tod(torch.stack([U_A, U_B]), torch.stack([R_A, R_B]), [6, 6], total=total)
+    assert result.counts == counts and result.alpha == pytest.approx(alpha)
+    assert result.removed[0] == list(range(counts[0]))  # units always go in removal order
+
+
+def _brute_force_alpha(curves, total):
+    """The least ToD value (or 0) admitting an exact total, by enumerating every combination of counts."""
+    import itertools
+
+    values = sorted({0.0, *[float(v) for c in curves for v in c]})
+    for alpha in values:
+        options = [[0] + [k + 1 for k, v in enumerate(c.tolist()) if v <= alpha] for c in curves]
+        if any(sum(combo) == total for combo in itertools.product(*options)):
+            return alpha
+    return None
+
+
+def test_every_layer_honours_the_tolerance_it_reports():
+    """Random scores, many budgets: totals exact, ToD(k_l) ≤ α* in every layer, α* the least that allows it."""
+    gen = torch.Generator().manual_seed(0)
+    for draw in range(40):
+        layers, n, n_max = 4, 10, 8
+        u, r = torch.rand(layers, n, generator=gen), torch.rand(layers, n, generator=gen)
+        curves = [allocate.tod_curve(u[i], r[i], n_max) for i in range(layers)]
+        for total in range(0, layers * n_max + 1, 3):
+            result = allocate.tod(u, r, [n_max] * layers, total=total)
+            assert sum(result.counts) == total
+            for curve, k in zip(curves, result.counts, strict=True):
+                assert k == 0 or curve[k - 1] <= result.alpha + 1e-12, (draw, total)
+            if total and draw < 8:  # brute force is exponential: a few draws suffice
+                assert result.alpha == pytest.approx(_brute_force_alpha(curves, total))
+
+
+def test_grouped_tod_honours_the_tolerance_in_steps():
+    gen = torch.Generator().manual_seed(3)
+    u, r = torch.rand(3, 12, generator=gen), torch.rand(3, 12, generator=gen)
+    for total in (3, 9, 15, 24):
+        result = allocate.tod(u, r, [9, 9, 9], total=total, groups=3)
+        assert sum(result.counts) == total and all(c % 3 == 0 for c in result.counts)
+        for i, c in enumerate(result.counts):
+            curve = allocate.tod_curve(u[i], r[i], 9, groups=3)
+            assert c == 0 or curve[c // 3 - 1] <= result.alpha + 1e-12
 
 
 @pytest.mark.parametrize("total", range(0, 13))
@@ -101,3 +150,12 @@ def test_global_normalises_by_layer_mean_and_respects_n_max():
     assert allocate.global_(u, [2, 2], 3).removed == [[0], [0, 1]]
     assert allocate.global_(u, [2, 2], 4).removed == [[0, 1], [0, 1]]
     assert allocate.global_(u, [2, 1], 3).removed == [[0, 1], [0]]  # layer 1 is full after one
+
+
+def test_global_divides_by_the_layer_mean_not_its_max():
+    # Layer A: mean 3 → [.33 .33 .33 3]; max 9 would give [.11 .11 .11 1].
+    # Layer B: mean 4 → [.25 1.25 1.25 1.25]; max 5 would give [.2 1 1 1].
+    # By the mean B's unit 0 (.25) is the cheapest; by the max A's units (.11) would be.
+    u = torch.tensor([[1.0, 1, 1, 9], [1.0, 5, 5, 5]])
+    assert allocate.global_(u, [3, 3], 1).removed == [[], [0]]
+    assert allocate.global_(u, [3, 3], 4).removed == [[0, 1, 2], [0]]

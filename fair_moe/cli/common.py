@@ -9,12 +9,26 @@ from collections.abc import Callable
 from fair_moe.core.errors import FairMoeError
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (it may be replaced between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def run_command(run: Callable[[], object]) -> int:
-    """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2.
+
+    fair_moe's own log lines go to stderr; no other library's logging is configured."""
     logger = logging.getLogger("fair_moe")
-    if not logger.handlers:
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

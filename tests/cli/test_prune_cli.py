@@ -292,3 +292,11 @@ def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, 
     assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.5", "--allocation", "tod",
                    "--compensate", "router-kd", "--compensate-option", "stepz=2", "--scores", pruned_tod) == 2
     assert "stepz=2" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_budget_on_a_half_rounds_up(tiny_checkpoint, pruned_tod, tmp_path):
+    """0.375 × 12 experts = 4.5 per layer → 5 (Python's round would give 4)."""
+    out = tmp_path / "half"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.375", "--allocation", "uniform",
+                   "--compensate", "none", "--scores", pruned_tod, "--quiet") == 0
+    assert PrunePlan.load(out).removed_total == 3 * 5

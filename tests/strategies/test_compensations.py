@@ -98,11 +98,11 @@ def test_merge_is_not_streamable(tmp_path):
         stream_pruned(model, plan, tmp_path, tmp_path / "out")
 
 
-def test_layer_scale_compensation_round_trip(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # gpt_oss: down-projection biases are scaled too
+def test_layer_scale_compensation_round_trip(family, tmp_path):
     """With scales folded in, the checkpoint equals the masked original with each routed output scaled."""
-    model = build_model(tiny_qwen2_moe_config())
-    plan = PrunePlan("qwen2_moe", "experts", 12, {0: [4, 7, 9], 1: list(range(12)), 2: [0, 3, 5, 6, 8, 10, 11]},
-                     top_k=3)
+    model = build_model(family_configs()[family])
+    plan = PrunePlan(family, "experts", 12, {0: [4, 7, 9], 1: list(range(12)), 2: [0, 3, 5, 6, 8, 10, 11]}, top_k=3)
     ids = torch.randint(1, 97, (4, 24), generator=torch.Generator().manual_seed(3))
     record = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(ids))
     scales = record.per_layer

@@ -95,3 +95,25 @@ def test_fit_windows_come_from_every_source(model_and_scores):
     first, last = scores.calibration_ids[0], scores.calibration_ids[-1]
     assert len(subset) == 4
     assert torch.equal(subset[0], first) and torch.equal(subset[-1], last)  # both ends: both sources
+
+
+@pytest.mark.parametrize("with_loss,kept", [(1.0, False), (3.0, True)])
+def test_compensate_auto_keeps_a_compensation_only_when_it_lowers_the_held_out_loss(model_and_scores, monkeypatch,
+                                                                                    with_loss, kept):
+    """Made-up held-out losses: 2.0 without the scales, 3.0 (worse) or 1.0 (better) with them."""
+    from fair_moe.strategies import selection
+    from fair_moe.strategies.planning import make_plan
+
+    model, scores = model_and_scores
+    losses = {None: 2.0, "layer-scale": 4.0 - with_loss}  # with_loss 1 → 3.0 (worse), 3 → 1.0 (better)
+    monkeypatch.setattr(selection, "judged_loss",
+                        lambda model, unit, kept, record, ids, bs: losses[record.kind if record else None])
+    plan = make_plan(scores, Budget(0.5), "uniform", "ean")
+    plan = selection.decide_compensation(model, EXPERTS, plan, scores, "auto")
+    assert (plan.compensation is not None) == kept
+    if kept:
+        assert plan.compensation.kind == "layer-scale"
+        assert plan.compensation.fit["selection_loss_with"] == 1.0
+    else:
+        rejected = plan.settings["compensation_rejected"]
+        assert rejected["kind"] == "layer-scale" and rejected["selection_loss_with"] == 3.0

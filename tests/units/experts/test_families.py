@@ -58,10 +58,30 @@ def test_route_reproduces_the_stock_router(family):
 
 
 def test_frequency_is_the_models_own_topk_counts(family):
+    """Per expert: how often the router's own top-k ids (its forward output) chose it on the calibration batches."""
+    from fair_moe.calibration.text import make_batches
+
     _, model, scores = family
     adapter = get_adapter(model.config)
     layers = adapter.moe_layers(model)
     assert scores.layer_indices == [layer.index for layer in layers]
+    counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
+
+    def count(i):
+        def hook(module, args, out) -> None:  # the router's own top-k ids, out = (logits, weights, ids)
+            counts[i].index_add_(0, out[2].flatten(), torch.ones(out[2].numel(), dtype=torch.float64))
+
+        return hook
+
+    handles = [layer.router.register_forward_hook(count(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for _, ids in make_batches(CharTokenizer(), _sources(), samples=4, seq_len=24, batch_size=2, seed=0):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(scores.removal["frequency"], counts)
     assert scores.removal["frequency"].sum(dim=1).tolist() == [4 * 24 * layers[0].top_k] * len(layers)
 
 
@@ -129,3 +149,60 @@ def test_grouped_budget_that_empties_groups_is_refused(family):
 
     with pytest.raises(FairMoeError, match="groups"):
         make_plan(scores, PlanSettings(budget=0.75, allocation="uniform"))
+
+
+def _router_output_with_removed(router, adapter, hidden, removed):
+    """The router's own forward with the removed experts made unreachable where its own computation allows it:
+    a selection bias of -inf where the router has one, else -inf added to the logits its linear layer makes."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    if hasattr(router, "e_score_correction_bias"):
+        bias = router.e_score_correction_bias
+        saved = bias.clone()
+        try:
+            bias[removed] = float("-inf")
+            return router(hidden)
+        finally:
+            bias.copy_(saved)
+    original = F.linear
+
+    def masked_linear(x, weight, *rest):
+        out = original(x, weight, *rest)
+        return out.masked_fill(removed, float("-inf")) if weight is router.weight else out
+
+    with contextlib.ExitStack() as stack:
+        F.linear = masked_linear
+        stack.callback(setattr, F, "linear", original)
+        return router(hidden)
+
+
+def test_route_with_removed_experts_reproduces_the_router_itself(family):
+    """Masked routing against the router's own forward on -inf logits (or -inf selection bias): group scores,
+    selection biases and renormalisation all come from the family's own code, not from the adapter."""
+    _, model, _ = family
+    adapter = get_adapter(model.config)
+    captured = {}
+    layers = adapter.moe_layers(model)
+    handles = [layer.router.register_forward_pre_hook(lambda m, a, i=layer.index: captured.update({i: a[0]}))
+               for layer in layers]
+    _logits(model)
+    for h in handles:
+        h.remove()
+    gen = torch.Generator().manual_seed(4)
+    for layer in layers:
+        groups, size = layer.groups, layer.num_experts // layer.groups
+        removed = torch.zeros(layer.num_experts, dtype=torch.bool)
+        for g in range(groups):  # one expert per group, so that every group stays selectable
+            removed[g * size + int(torch.randint(0, size, (1,), generator=gen))] = True
+        with torch.no_grad():
+            hidden = captured[layer.index]
+            own = _router_output_with_removed(layer.router, adapter, hidden, removed)
+            logits = adapter.router_logits(layer.router(hidden))
+            weights, ids = adapter.route(layer.router, logits, removed)
+        assert not removed[own[2]].any()
+        order_own, order_ours = own[2].sort(dim=-1), ids.sort(dim=-1)
+        assert torch.equal(order_own.values, order_ours.values)
+        torch.testing.assert_close(own[1].gather(1, order_own.indices), weights.gather(1, order_ours.indices),
+                                   rtol=1e-5, atol=1e-6)
