@@ -93,6 +93,14 @@ class UnitKind(ABC):
     def verify_saved(self, folder: Path, plan: PrunePlan, config) -> None:  # noqa: B027 - optional check
         """Checks of the written files beyond the reload (key counts); none by default."""
 
+    def output_bytes(self, model: nn.Module, plan: PrunePlan, save_dtype) -> int:
+        """About how many bytes the pruned weights take on disk; by default the dense model's (an upper bound)."""
+        import torch
+
+        size = torch.finfo(save_dtype).bits // 8 if save_dtype is not None and save_dtype.is_floating_point else 4
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+                   for t in model.state_dict().values())
+
     def stream(self, model: nn.Module, plan: PrunePlan, source: Path, folder: Path, transform, save_dtype,
                progress: bool, max_shard_bytes: int = 2 * 2**30) -> dict:
         """Rewrite a local checkpoint shard by shard (kinds with ``streamable``)."""

@@ -166,6 +166,11 @@ def run_eval(args: EvalSettings) -> None:
         if name and name.startswith((".", "/")) and not Path(name).exists():
             raise FairMoeError(f"{label} {name} does not exist")
     manager = resolve_tasks(tasks, args.include_path) if tasks else None
+    try:  # before the (long) evaluation: a folder that cannot be made fails now, not after it
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FairMoeError(f"--output-json {args.output_json}: cannot create its folder ({err.strerror}); choose "
+                           "another --output-json") from err
     result: dict = {"model": args.model, "tasks": tasks, "ppl_files": [str(p) for p in args.ppl_file],
                     "settings": {"limit": args.limit, "num_fewshot": args.num_fewshot, "seed": args.seed}}
     result["metrics"] = evaluate(args.model, tasks, manager, args)
@@ -178,7 +183,6 @@ def run_eval(args: EvalSettings) -> None:
         markdown = recovery_markdown(result["metrics"], result["base_metrics"], result["recovery"], threshold)
         args.output_json.with_suffix(".md").write_text(markdown)
         print(markdown)
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
     args.output_json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     for key, value in result["metrics"].items():
         print(f"{key}: {value:.4f}")

@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fair_moe.checkpoint.atomic import write_atomically
+from fair_moe.checkpoint.atomic import OutputClaim
 from fair_moe.checkpoint.loading import (
     checkpoint_dtype,
     load_config,
@@ -66,7 +67,13 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
         raise FairMoeError(
             f"--model {settings.model} is a bare config: it has no weights to prune; use it with --dry-run"
         )
+    with OutputClaim(output.out, output.overwrite) as claim:
+        return _prune_into(claim, settings, unit, config, console)
 
+
+def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, config, console: Console) -> PruneResult:
+    """Everything after the checks, with ``--out`` claimed: load → score → plan → compensate → write → verify."""
+    runtime, output, method = settings.runtime, settings.output, settings.method
     scores = Scores.load(settings.scores) if settings.scores else None
     if scores is not None:
         check_scores_fit(scores, unit, config, path=settings.scores)
@@ -104,25 +111,26 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
         seq_len = settings.calibration.seq_len
         result.perplexity["dense"] = [perplexity(model, ids, seq_len, progress=runtime.progress) for ids in ppl_ids]
 
-    options = WriteOptions(save_dtype=checkpoint_dtype(config), source=source, verify=output.verify,
+    save_dtype = checkpoint_dtype(config)
+    check_free_space(claim, [unit.output_bytes(model, plan, save_dtype) for plan in plans])
+    options = WriteOptions(save_dtype=save_dtype, source=source, verify=output.verify,
                            placement=placement or None, progress=runtime.progress,
                            trust_remote_code=runtime.trust_remote_code)
-    if len(plans) == 1:
-        write_atomically(output.out, lambda tmp: write_checkpoint(tmp, unit, model, processor, plans[0], scores, data,
-                                                                  options), overwrite=output.overwrite)
-        result.folders = [output.out]
-    else:
-        def write_all(tmp: Path) -> None:
+    with write_faults(claim):
+        claim.staging.mkdir()
+        if len(plans) == 1:
+            write_checkpoint(claim.staging, unit, model, processor, plans[0], scores, data, options)
+            result.folders = [output.out]
+        else:
             for i, (plan, budget) in enumerate(zip(plans, settings.budgets, strict=True)):
                 # Slicing in memory consumes the model; streaming only reads it. Keep the loaded model whole
                 # for every budget but the last, and slice fresh copies instead.
                 in_memory, last = not streams(unit, plan, source), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
                     settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
-                write_checkpoint(tmp / budget.label, unit, target, processor, plan, scores, data, options)
-
-        write_atomically(output.out, write_all, overwrite=output.overwrite)
-        result.folders = [output.out / budget.label for budget in settings.budgets]
+                write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options)
+            result.folders = [output.out / budget.label for budget in settings.budgets]
+        claim.commit()
     if ppl_ids:
         report_perplexity(result, unit, ppl_ids, settings, dtype, device, console)
     console.line(f"wrote {output.out}")
@@ -131,6 +139,34 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
 
         console.line(f"pushed to {push(output.out, output.push_to_hub, output.private)}")
     return result
+
+
+SIDE_FILES_BYTES = 64 * 2**20  # scores, plan, card, plot, tokenizer: generous room beside the weights
+
+
+def check_free_space(claim: OutputClaim, weight_bytes: list[int]) -> None:
+    """Refuse before writing when the filesystem of --out cannot hold the new checkpoint(s)."""
+    import shutil
+
+    needed = sum(weight_bytes) + SIDE_FILES_BYTES * len(weight_bytes)
+    free = shutil.disk_usage(claim.container).free
+    if free < needed:
+        raise FairMoeError(f"--out {claim.out} needs about {needed / 2**20:,.0f} MiB free on its filesystem and "
+                           f"{free / 2**20:,.0f} MiB is free: free some space or choose another --out")
+
+
+@contextlib.contextmanager
+def write_faults(claim: OutputClaim):
+    """Disk faults while writing (no space, permissions lost, unreadable shards) become one clear error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as err:
+        raise FairMoeError(f"writing --out {claim.out} failed: {err.strerror or err} "
+                           f"({err.filename or claim.staging}); nothing was written") from err
+    except SafetensorError as err:
+        raise FairMoeError(f"writing --out {claim.out} failed: {err}; nothing was written") from err
 
 
 def check_budgets(layout: UnitLayout, budgets: tuple[Budget, ...], min_keep: int | None) -> None:

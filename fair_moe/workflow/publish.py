@@ -49,18 +49,22 @@ def push(folder: Path, repo_id: str, private: bool = False, results_json: Path |
     from fair_moe.workflow.report import model_card
 
     plan = check_folder(folder)
-    if results_json is not None:
-        (Path(folder) / "README.md").write_text(model_card(plan, card_results(results_json)))
+    card_path = Path(folder) / "README.md"
+    card = model_card(plan, card_results(results_json)) if results_json is not None else None
     api = api or HfApi()
     if getattr(api, "token", None) is None and get_token() is None:
         raise FairMoeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again with "
                            f"python -m fair_moe.push {folder} {repo_id}")
+    previous = card_path.read_text()
     try:
+        if card is not None:
+            card_path.write_text(card)
         url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=f"fair_moe: {plan.removed_total} {plan.unit} pruned "
                                          f"({plan.settings.get('allocation')})")
     except Exception as err:  # huggingface_hub raises HTTP, connection and OS errors alike
+        card_path.write_text(previous)  # a failed upload leaves the local folder as it was
         raise FairMoeError(f"upload to {repo_id} failed ({err.__class__.__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); the local checkpoint in {folder} is "
                            f"intact: retry with python -m fair_moe.push {folder} {repo_id}") from err

@@ -174,6 +174,19 @@ class PruneSettings:
     output: OutputSettings = field(default_factory=OutputSettings)
     scores: Path | None = None
 
+    def check_source_untouched(self) -> None:
+        """Nothing fair_moe writes (--out, every OUT/budget-B inside it, --offload-folder) may be the source
+        folder, lie inside it or contain it; symlinks are followed."""
+        from fair_moe.checkpoint.atomic import check_apart
+
+        source = Path(self.model).expanduser()
+        if not source.is_dir():
+            return  # a Hub id (its download cache is not the user's folder) or a bare config for --dry-run
+        if self.output.out is not None:
+            check_apart(source, self.output.out, "--out")
+        if self.runtime.offload_folder is not None:
+            check_apart(source, self.runtime.offload_folder, "--offload-folder")
+
     def validate(self) -> UnitKind:
         """Every check that needs no model; returns the unit kind."""
         if not self.model:
@@ -188,6 +201,7 @@ class PruneSettings:
         if len(self.budgets) > 1 and unit.data == "images":
             raise FairMoeError("the vision path takes one --budget at a time")
         self.output.validate(multi_budget=len(self.budgets) > 1)
+        self.check_source_untouched()
         if not self.output.dry_run:
             if self.scores is None:
                 self.calibration.validate()

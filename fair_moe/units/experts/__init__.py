@@ -87,6 +87,24 @@ class ExpertsUnit(UnitKind):
 
         verify_expert_keys(folder, plan, self.adapter(config))
 
+    def output_bytes(self, model, plan, save_dtype) -> int:
+        """The dense size minus every removed expert's router rows and expert tensors."""
+        import torch
+
+        dense = super().output_bytes(model, plan, save_dtype)
+        size = torch.finfo(save_dtype).bits // 8 if save_dtype is not None and save_dtype.is_floating_point else 4
+        adapter = self.adapter(model.config)
+        removed = 0
+        for layer in adapter.moe_layers(model):
+            per_expert = sum(getattr(module, name).numel() // layer.num_experts
+                             for module, names in ((layer.router, adapter.router_tensor_names(layer.router,
+                                                                                                 layer.num_experts)),
+                                                   (layer.experts, adapter.expert_tensor_names(layer.experts,
+                                                                                              layer.num_experts)))
+                             for name in names)
+            removed += per_expert * size * (layer.num_experts - len(plan.kept[layer.index]))
+        return dense - removed
+
     def stream(self, model, plan, source: Path, folder: Path, transform, save_dtype, progress: bool,
                max_shard_bytes: int = 2 * 2**30) -> dict:
         """Weights streamed from ``source`` through the plan; config and modeling file from the model in memory."""
