@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 from fair_moe.core.errors import FairMoeError
 
 KeyRewrite = Callable[[str, Callable[[], torch.Tensor]], "tuple[str, torch.Tensor] | None"]
-SKIP_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|model\.safetensors\.index\.json"
-                        r"|pytorch_model\.bin\.index\.json"
-                        r"|^config\.json|^README\.md|^fair_moe_.*)$")
+# What a pruned checkpoint takes over from its source besides weights and config: tokenizer / processor files,
+# the generation config, the licence and notices. Not the base model's own card, training notes or metrics.
+SIDE_FILES = re.compile(r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
+                        r"|chat_template\..*|generation_config\.json|preprocessor_config\.json"
+                        r"|processor_config\.json|.*\.tiktoken|.*\.model|LICEN[CS]E.*|NOTICE.*|USE_POLICY.*)$")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -98,11 +100,15 @@ def stream_rewrite(source: Path, out: Path, rewrite: KeyRewrite, max_shard_bytes
     return {"source_bytes": source_bytes, "written_bytes": written, "shards": len(parts)}
 
 
-def copy_side_files(source: Path, out: Path) -> None:
-    """Tokenizer, generation config and other small files of the source, weights and config excepted."""
-    for path in Path(source).iterdir():
-        if path.is_file() and not SKIP_FILES.search(path.name):
+def copy_side_files(source: Path, out: Path, remote_code: bool = False) -> list[str]:
+    """Copy the source's tokenizer / processor files, generation config and licence files (``SIDE_FILES``), and its
+    Python files when its config registers remote code (``remote_code``). Returns the names copied."""
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        if path.is_file() and (SIDE_FILES.match(path.name) or (remote_code and path.suffix == ".py")):
             shutil.copy2(path, Path(out) / path.name)
+            copied.append(path.name)
+    return copied
 
 
 def streamable_source(name: str) -> Path | None:

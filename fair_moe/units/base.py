@@ -103,7 +103,12 @@ class UnitKind(ABC):
 
     def stream(self, model: nn.Module, plan: PrunePlan, source: Path, folder: Path, transform, save_dtype,
                progress: bool, max_shard_bytes: int = 2 * 2**30) -> dict:
-        """Rewrite a local checkpoint shard by shard (kinds with ``streamable``)."""
+        """Rewrite a local checkpoint's weights shard by shard (kinds with ``streamable``); the writer adds the
+        config (``pruned_config``) and the side files."""
+        raise NotImplementedError(f"{self.name} checkpoints are rewritten in memory")
+
+    def pruned_config(self, model: nn.Module, plan: PrunePlan):
+        """The config of the pruned checkpoint, as a copy (kinds with ``streamable``)."""
         raise NotImplementedError(f"{self.name} checkpoints are rewritten in memory")
 
     def summary_line(self, config, layout: UnitLayout) -> str:
@@ -117,3 +122,31 @@ class UnitKind(ABC):
 
 
 UNIT_KINDS: Registry[UnitKind] = Registry("unit kind", "--units")
+MODELING_FILE = "modeling_fair_moe.py"  # the per-layer modeling file an uneven checkpoint carries
+
+
+def modeling_file(template, cls: type) -> str:
+    """The source of a modeling template module, its base class pointed at ``cls`` through the public
+    ``transformers`` name when there is one (a re-pruned uneven checkpoint points at the stock class again)."""
+    import inspect
+    import re
+
+    import transformers
+
+    if getattr(cls, "__module__", "").endswith("modeling_fair_moe"):
+        cls = cls.__mro__[1]
+    path = "transformers" if getattr(transformers, cls.__name__, None) is cls else cls.__module__
+    line = f"from {path} import {cls.__name__} as FairMoeBase  # fair_moe:base"
+    return re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, inspect.getsource(template), count=1,
+                  flags=re.M)
+
+
+def keep_architectures(folder: Path, architectures: list[str]) -> None:
+    """save_pretrained writes the Python class's name; an uneven checkpoint names its own class instead, so that
+    a loader ignoring ``auto_map`` (vLLM, SGLang, TGI) does not take it for the stock architecture."""
+    import json
+
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    data["architectures"] = architectures
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ from fair_moe.strategies import selection as _selection
 from fair_moe.units import UNIT_KINDS
 from fair_moe.workflow.scoring import score
 from fair_moe.workflow.settings import CalibrationSettings
+from fair_moe.workflow.writing import write_config
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ def stream_pruned(model, plan: PrunePlan, source: Path, out: Path, max_shard_byt
         raise FairMoeError(f"a plan of {plan.unit} with compensation {record.kind if record else 'none'} cannot be "
                            "streamed: use apply_plan and save_pruned")
     transform = compensation.transform(model, record) if compensation else None
-    return unit.stream(model, plan, Path(source), Path(out), transform, None, progress, max_shard_bytes)
+    stats = unit.stream(model, plan, Path(source), Path(out), transform, None, progress, max_shard_bytes)
+    write_config(Path(out), unit, model, plan, Path(source))
+    return stats
 
 
 def prune_model(model, tokenizer, calibration: list[str] | list[CalibrationSource] | Scores,

@@ -82,8 +82,8 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
         raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
                            "or several comma-separated --calib-config values")
     placement = runtime.placement()
-    source = None if not output.stream else streamable_source(settings.model)
-    if placement and source is None:
+    source = streamable_source(settings.model)
+    if placement and (source is None or not output.stream):
         raise FairMoeError("--device-map needs the streamed rewrite: pass a local safetensors checkpoint folder as "
                            "--model and drop --no-stream")
 
@@ -113,7 +113,7 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
 
     save_dtype = checkpoint_dtype(config)
     check_free_space(claim, [unit.output_bytes(model, plan, save_dtype) for plan in plans])
-    options = WriteOptions(save_dtype=save_dtype, source=source, verify=output.verify,
+    options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream, verify=output.verify,
                            placement=placement or None, progress=runtime.progress,
                            trust_remote_code=runtime.trust_remote_code)
     with write_faults(claim):
@@ -125,7 +125,7 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
             for i, (plan, budget) in enumerate(zip(plans, settings.budgets, strict=True)):
                 # Slicing in memory consumes the model; streaming only reads it. Keep the loaded model whole
                 # for every budget but the last, and slice fresh copies instead.
-                in_memory, last = not streams(unit, plan, source), i == len(plans) - 1
+                in_memory, last = not streams(unit, plan, options), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
                     settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
                 write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options)

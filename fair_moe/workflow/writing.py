@@ -29,20 +29,40 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WriteOptions:
-    """How a checkpoint is written: ``source`` to stream from (None: in memory), the dtype weights are saved in,
-    whether to verify, and the accelerate placement to reload with."""
+    """How a checkpoint is written: the dtype weights are saved in; ``source``, the local checkpoint folder the
+    model was loaded from (its config.json is patched, its tokenizer and licence files copied, and with
+    ``stream`` its weights are streamed); whether to verify, and the accelerate placement to reload with."""
 
     save_dtype: object
     source: Path | None = None
+    stream: bool = True
     verify: bool = True
     placement: dict | None = None
     progress: bool = True
     trust_remote_code: bool = False
 
 
-def streams(unit: UnitKind, plan: PrunePlan, source: Path | None) -> bool:
+def streams(unit: UnitKind, plan: PrunePlan, options: WriteOptions) -> bool:
+    """Whether the weights are streamed from the source (else the model is folded and sliced in memory)."""
     compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
-    return source is not None and unit.streamable and (compensation is None or compensation.streamable)
+    return (options.stream and options.source is not None and unit.streamable
+            and (compensation is None or compensation.streamable))
+
+
+def write_config(folder: Path, unit: UnitKind, model, plan: PrunePlan, source: Path | None,
+                 changes: dict | None = None) -> None:
+    """config.json of the pruned checkpoint: the source's own file patched with what pruning changed, or (with no
+    source folder) the pruned config saved by transformers."""
+    from fair_moe.checkpoint.config import config_changes, write_patched_config
+
+    if changes is None:
+        pruned = unit.pruned_config(model, plan)
+        changes = config_changes(model.config.to_dict(), pruned.to_dict())
+        if source is None or not (Path(source) / "config.json").is_file():
+            pruned.save_pretrained(folder)
+            return
+    if source is not None and (Path(source) / "config.json").is_file():
+        write_patched_config(source, folder, changes)
 
 
 def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: PrunePlan, scores: Scores,
@@ -61,18 +81,30 @@ def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: Prune
             reference_outputs = unit.outputs(model, probe)
     compute_dtype = next(model.parameters()).dtype
     compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
-    if streams(unit, plan, options.source):
+    source = options.source
+    if streams(unit, plan, options):
         transform = compensation.transform(model, plan.compensation) if compensation else None
-        stats = unit.stream(model, plan, options.source, folder, transform, options.save_dtype, options.progress)
+        stats = unit.stream(model, plan, source, folder, transform, options.save_dtype, options.progress)
+        write_config(folder, unit, model, plan, source)
         log.info("streamed %d source bytes into %d shard(s) of %d bytes", stats["source_bytes"], stats["shards"],
                  stats["written_bytes"])
     else:
+        before = model.config.to_dict()
         with torch.no_grad():
             if compensation is not None:
                 compensation.fold(model, plan.compensation)
             unit.apply(model, plan)
-        unit.save(model, folder, processor, options.save_dtype)
+        from fair_moe.checkpoint.config import config_changes
+
+        changes = config_changes(before, model.config.to_dict())
+        unit.save(model, folder, processor if source is None else None, options.save_dtype)
+        write_config(folder, unit, model, plan, source, changes)
         model.to(compute_dtype)
+    if source is not None:
+        from fair_moe.checkpoint.stream import copy_side_files
+
+        copy_side_files(source, folder, remote_code=bool(getattr(model.config, "auto_map", None))
+                        and plan.is_uniform)
     plan.save(folder)
     scores.save(folder / SCORES_FILE)
     (folder / "README.md").write_text(model_card(plan))

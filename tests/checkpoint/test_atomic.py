@@ -77,7 +77,8 @@ def test_a_symlink_into_the_source_is_followed(tmp_path):
 
 def test_a_killed_run_leaves_only_its_container_and_the_next_run_clears_it(tmp_path):
     out = tmp_path / "out"
-    code = (f"import os; from fair_moe.checkpoint.atomic import OutputClaim; c = OutputClaim({str(out)!r}).__enter__(); "
+    code = ("import os; from fair_moe.checkpoint.atomic import OutputClaim; "
+            f"c = OutputClaim({str(out)!r}).__enter__(); "
             "c.staging.mkdir(); (c.staging / 'half.bin').write_bytes(b'x'); os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", code])
     left = list(tmp_path.iterdir())

@@ -300,3 +300,37 @@ def test_a_budget_on_a_half_rounds_up(tiny_checkpoint, pruned_tod, tmp_path):
     assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.375", "--allocation", "uniform",
                    "--compensate", "none", "--scores", pruned_tod, "--quiet") == 0
     assert PrunePlan.load(out).removed_total == 3 * 5
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("allocation", ["uniform", "tod"])
+def test_output_config_is_the_source_config_patched(tiny_checkpoint, calib_files, tmp_path, stream, allocation):
+    """Every field of the source's config.json survives as written (transformers-4-era readers need rope_theta);
+    only the count changes, plus the per-layer fields and auto_map / architectures of an uneven plan. The base
+    model's own notes are not copied; its tokenizer and licence are."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(rope_theta=1000000.0, some_future_field={"kept": [1, 2]})
+    (source / "config.json").write_text(json.dumps(config))
+    for name in ("TRAINING.md", "training_metrics.json", "LICENSE"):
+        (source / name).write_text(name)
+    out = tmp_path / "out"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", source, "--out", out, "--budget", "0.5", "--allocation", allocation, "--compensate",
+                   "none", *calib, *FAST, *([] if stream else ["--no-stream"])) == 0
+    written = json.loads((out / "config.json").read_text())
+    plan = PrunePlan.load(out)
+    changed = {k for k in set(written) | set(config) if written.get(k) != config.get(k)}
+    expected = {"num_experts"} | ({"fair_moe_experts_per_layer", "fair_moe_layout", "auto_map", "architectures"}
+                                  if not plan.is_uniform else set())
+    assert changed == expected
+    assert written["num_experts"] == max(plan.kept_counts.values())
+    assert written["rope_theta"] == 1000000.0 and written["some_future_field"] == {"kept": [1, 2]}
+    if not plan.is_uniform:
+        assert written["architectures"] == ["FairMoeForCausalLM"]
+    names = {p.name for p in out.iterdir()}
+    assert "LICENSE" in names and "tokenizer.json" in names
+    assert not names & {"TRAINING.md", "training_metrics.json"}

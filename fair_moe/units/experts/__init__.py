@@ -107,25 +107,27 @@ class ExpertsUnit(UnitKind):
 
     def stream(self, model, plan, source: Path, folder: Path, transform, save_dtype, progress: bool,
                max_shard_bytes: int = 2 * 2**30) -> dict:
-        """Weights streamed from ``source`` through the plan; config and modeling file from the model in memory."""
-        import copy
-
-        from fair_moe.checkpoint.stream import copy_side_files, stream_rewrite
+        """Weights streamed from ``source`` through the plan (and the modeling file for uneven plans)."""
+        from fair_moe.checkpoint.stream import stream_rewrite
         from fair_moe.units.experts.keys import ExpertKeyRewriter
-        from fair_moe.units.experts.rewrite import MODELING_FILE, layout_of, modeling_source, update_config
+        from fair_moe.units.experts.rewrite import MODELING_FILE, modeling_source
 
         rewriter = ExpertKeyRewriter(plan, self.adapter(model.config), transform)
         stats = stream_rewrite(source, folder, rewriter, max_shard_bytes, progress)
         rewriter.check_complete()
-        config = copy.deepcopy(model.config)
-        update_config(config, plan, layout_of(model))
-        if save_dtype is not None:
-            config.dtype = save_dtype
-        config.save_pretrained(folder)
         if not plan.is_uniform:
             (Path(folder) / MODELING_FILE).write_text(modeling_source(model))
-        copy_side_files(source, folder)
         return stats
+
+    def pruned_config(self, model, plan):
+        """The model's config as the pruned checkpoint's (a copy; the model is untouched)."""
+        import copy
+
+        from fair_moe.units.experts.rewrite import layout_of, update_config
+
+        config = copy.deepcopy(model.config)
+        update_config(config, plan, layout_of(model))
+        return config
 
     def summary_line(self, config, layout) -> str:
         layers = layout.layers

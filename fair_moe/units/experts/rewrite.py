@@ -10,8 +10,6 @@ Compensations are folded by their own strategy before slicing; nothing here know
 from __future__ import annotations
 
 import copy
-import inspect
-import re
 from pathlib import Path
 
 import torch
@@ -23,9 +21,10 @@ from fair_moe.adapters.base import FusedExpertsAdapter
 from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
+from fair_moe.units.base import MODELING_FILE, keep_architectures, modeling_file
 from fair_moe.units.experts import modeling_template
 
-MODELING_FILE = "modeling_fair_moe.py"
+UNEVEN_CLASS = "FairMoeForCausalLM"
 
 
 def _slice_module(module: nn.Module, names: list[str], keep: torch.Tensor) -> None:
@@ -88,6 +87,8 @@ def update_config(config, plan: PrunePlan, layout: dict) -> None:
         config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
         config.fair_moe_layout = layout
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+        # A loader that ignores auto_map (vLLM, SGLang, TGI) must not take this for the stock architecture.
+        config.architectures = [UNEVEN_CLASS]
 
 
 def layout_of(model: nn.Module) -> dict:
@@ -113,12 +114,7 @@ def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) ->
 
 def modeling_source(model: nn.Module | type) -> str:
     """The per-layer modeling file, its base class pointed at the model's own transformers class."""
-    source = inspect.getsource(modeling_template)
-    cls = model if isinstance(model, type) else type(model)
-    if getattr(cls, "__module__", "").endswith("modeling_fair_moe"):
-        cls = cls.__mro__[1]  # re-pruning a non-uniform checkpoint: point at the stock class again
-    line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"
-    return re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, source, count=1, flags=re.M)
+    return modeling_file(modeling_template, model if isinstance(model, type) else type(model))
 
 
 def save_pruned(model: nn.Module, folder: Path, dtype: torch.dtype | None = None, tokenizer=None) -> None:
@@ -130,6 +126,7 @@ def save_pruned(model: nn.Module, folder: Path, dtype: torch.dtype | None = None
         tokenizer.save_pretrained(folder)
     if getattr(model.config, "fair_moe_experts_per_layer", None):
         (Path(folder) / MODELING_FILE).write_text(modeling_source(model))
+        keep_architectures(Path(folder), [UNEVEN_CLASS])
 
 
 def verify_expert_keys(folder: Path, plan: PrunePlan, adapter: FusedExpertsAdapter) -> None:

@@ -8,8 +8,6 @@ per-layer widths in the config and a modeling file registered through ``auto_map
 from __future__ import annotations
 
 import contextlib
-import inspect
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +15,11 @@ import torch
 from torch import nn
 
 from fair_moe.core.plan import PrunePlan
+from fair_moe.units.base import MODELING_FILE, keep_architectures, modeling_file
 from fair_moe.units.vision import modeling_template
 from fair_moe.units.vision.modules import attention_modules, mlp_layers
 
-MODELING_FILE = "modeling_fair_moe.py"
+UNEVEN_CLASS = "FairMoeForImageClassification"
 
 
 @contextlib.contextmanager
@@ -84,10 +83,14 @@ def apply_head_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         model.config.num_attention_heads = next(iter(heads.values()))  # stock class: head_dim keeps the width
     else:
         model.config.fair_moe_attention_heads = heads
-        model.config.auto_map = {
-            "AutoModelForImageClassification": f"{MODELING_FILE[:-3]}.FairMoeForImageClassification"
-        }
+        _mark_uneven(model.config)
     return model
+
+
+def _mark_uneven(config) -> None:
+    """Registered through auto_map, and named so that a loader ignoring auto_map does not take it for stock."""
+    config.auto_map = {"AutoModelForImageClassification": f"{MODELING_FILE[:-3]}.{UNEVEN_CLASS}"}
+    config.architectures = [UNEVEN_CLASS]
 
 
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -113,9 +116,7 @@ def apply_vision_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     model.config.intermediate_size = max(widths.values())
     if len(set(widths.values())) > 1:
         model.config.fair_moe_intermediate_sizes = widths
-        model.config.auto_map = {
-            "AutoModelForImageClassification": f"{MODELING_FILE[:-3]}.FairMoeForImageClassification"
-        }
+        _mark_uneven(model.config)
     return model
 
 
@@ -129,8 +130,5 @@ def save_vision(model: nn.Module, folder: Path, image_processor=None, dtype: tor
         getattr(model.config, "fair_moe_intermediate_sizes", None)
         or getattr(model.config, "fair_moe_attention_heads", None)
     ):
-        source = inspect.getsource(modeling_template)
-        cls = type(model)
-        line = f"from {cls.__module__} import {cls.__name__} as FairMoeBase  # fair_moe:base"
-        (Path(folder) / MODELING_FILE).write_text(re.sub(r"^from .* as FairMoeBase  # fair_moe:base$", line, source,
-                                                         count=1, flags=re.M))
+        (Path(folder) / MODELING_FILE).write_text(modeling_file(modeling_template, type(model)))
+        keep_architectures(Path(folder), [UNEVEN_CLASS])

@@ -65,9 +65,8 @@ def test_non_uniform_plan_needs_remote_code_and_records_counts(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["fair_moe_experts_per_layer"] == {"0": 3, "1": 12, "2": 7}
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fair_moe.FairMoeForCausalLM"
-    assert "from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeForCausalLM as FairMoeBase" in (
-        tmp_path / MODELING_FILE
-    ).read_text()
+    assert "from transformers import Qwen2MoeForCausalLM as FairMoeBase" in (tmp_path / MODELING_FILE).read_text()
+    assert config["architectures"] == ["FairMoeForCausalLM"]  # not the stock class's name: vLLM must not load it
     # Without the remote code the stock class refuses the per-layer shapes loudly instead of loading garbage.
     with pytest.raises(RuntimeError, match="mismatched"):
         AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False)
