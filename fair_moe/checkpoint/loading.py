@@ -38,6 +38,31 @@ def load_config(name: str, trust_remote_code: bool = False):
                               if "trust_remote_code" in str(err) else "")) from err
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab*",
+             "LICEN[CS]E*", "NOTICE*", "USE_POLICY*", "README.md"]
+
+
+def local_checkpoint(name: str, trust_remote_code: bool = False) -> Path | None:
+    """The folder a run reads the model from: ``name`` itself when it is a local folder, else the Hub snapshot
+    of ``name`` (downloaded, or from the cache; only the files a checkpoint needs, Python files only with
+    ``trust_remote_code``), so that Hub models are streamed and placed exactly like local ones. None for a bare
+    config file."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return None
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:  # huggingface_hub raises network, auth, offline and not-found errors alike
+        raise FairMoeError(f"cannot fetch --model {name!r} from the Hub ({err.__class__.__name__}: "
+                           f"{str(err).splitlines()[0]}); check the id, your network and HF_TOKEN, or pass a local "
+                           "checkpoint folder") from err
+
+
 def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

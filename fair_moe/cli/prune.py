@@ -22,6 +22,7 @@ from fair_moe.strategies import (
     AUTO_ALLOCATION_HELP,
     AUTO_COMPENSATION_HELP,
     COMPENSATIONS,
+    LAYOUTS,
     PROTECTION_SIGNALS,
     REMOVAL_SIGNALS,
 )
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_choices(PROTECTION_SIGNALS))
     m.add_argument("--compensate", default=AUTO, choices=[AUTO, *COMPENSATIONS.names()],
                    help=_choices(COMPENSATIONS, AUTO_COMPENSATION_HELP) + " (default auto)")
+    m.add_argument("--layout", default="any", choices=list(LAYOUTS),
+                   help="; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + " (default any)")
     m.add_argument("--compensate-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the compensation, repeatable: " + "; ".join(
                        f"{c.name}: " + ", ".join(f"{n} ({h}, default {d})" for n, (_, d, h) in c.options.items())
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--push-to-hub", metavar="REPO_ID",
                    help="upload --out to this Hub repo once it is complete and verified")
     h.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    h.add_argument("--base-model", metavar="HUB_ID", help="the Hub id a local --model folder holds, named as "
+                   "base_model in the model card (a Hub id given as --model is named anyway)")
     return p
 
 
@@ -131,14 +136,14 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
         method=MethodSettings(units=units, allocation=args.allocation, removal=args.removal,
                               protection=args.protection, compensation=args.compensate, min_keep=args.min_keep,
-                              compensation_options=tuple(args.compensate_option)),
+                              compensation_options=tuple(args.compensate_option), layout=args.layout),
         runtime=RuntimeSettings(device=args.device, dtype=args.dtype, device_map=args.device_map,
                                 max_memory=args.max_memory, offload_folder=args.offload_folder,
                                 layerwise=args.layerwise, trust_remote_code=args.trust_remote_code,
                                 progress=not args.quiet),
         output=OutputSettings(out=args.out, overwrite=args.overwrite, verify=not args.no_verify,
                               stream=not args.no_stream, dry_run=args.dry_run, ppl_files=tuple(args.ppl_file),
-                              push_to_hub=args.push_to_hub, private=args.private),
+                              push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model),
         scores=args.scores,
     )
 

@@ -66,8 +66,8 @@ def _loss_key(compensation: Compensation | None) -> str:
 
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",
                 protection: str = "taylor", min_keep: int | None = None, base_model: str | None = None,
-                batch_size: int = 4, progress: bool = True, seed: int = 0, options: tuple[str, ...] = ()
-                ) -> Selection:
+                batch_size: int = 4, progress: bool = True, seed: int = 0, options: tuple[str, ...] = (),
+                layout: str = "any") -> Selection:
     """The lowest-loss candidate plan; every candidate's loss is recorded in ``plan.settings["candidates"]``."""
     from tqdm.auto import tqdm
 
@@ -80,7 +80,8 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
     judged = judged_compensations(compensation)
     if fit_ids is None or len(fit_ids) == 0:
         judged = [None]
-    combos = [(rule.name, signal.name) for rule in ALLOCATIONS if rule.auto_candidate
+    combos = [(rule.name, signal.name) for rule in ALLOCATIONS
+              if rule.auto_candidate and (layout == "any" or rule.even_counts)
               for signal in REMOVAL_SIGNALS if signal.auto_candidate and signal.name in scores.removal]
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}

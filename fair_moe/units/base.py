@@ -41,6 +41,7 @@ class UnitKind(ABC):
     pipeline_tag: str  # Hub pipeline tag of the pruned model
     card_tags: tuple[str, ...] = ()  # Hub tags beside "pruned" and "fair-moe"
     removal_means: str  # how the reference treats a removed unit, for the model card
+    uneven_class: str  # the class an uneven checkpoint's modeling file defines (its config's architectures)
     default_removal: str  # removal signal when --removal is not given
     default_allocation: str  # allocation when --allocation is left at auto and the kind has no model-judged auto
     takes_compensation: bool = False  # whether compensations (which need routing) apply

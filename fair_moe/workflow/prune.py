@@ -17,6 +17,7 @@ from fair_moe.checkpoint.loading import (
     load_config,
     load_model,
     load_processor,
+    local_checkpoint,
     resolve_device,
     resolve_dtype,
 )
@@ -82,15 +83,16 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
         raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
                            "or several comma-separated --calib-config values")
     placement = runtime.placement()
-    source = streamable_source(settings.model)
+    folder = local_checkpoint(settings.model, runtime.trust_remote_code)  # Hub ids: their snapshot
+    source = streamable_source(str(folder))
     if placement and (source is None or not output.stream):
-        raise FairMoeError("--device-map needs the streamed rewrite: pass a local safetensors checkpoint folder as "
-                           "--model and drop --no-stream")
+        raise FairMoeError("--device-map needs the streamed rewrite: pass a safetensors checkpoint (a folder or a "
+                           "Hub id) as --model and drop --no-stream")
 
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, config, device)
-    processor = load_processor(settings.model, unit.processor_class, runtime.trust_remote_code)
-    model = load_model(settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+    processor = load_processor(str(folder), unit.processor_class, runtime.trust_remote_code)
+    model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
     data = None
     if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
         data = calibration_data(unit, processor, settings.calibration, sources)
@@ -115,7 +117,7 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     check_free_space(claim, [unit.output_bytes(model, plan, save_dtype) for plan in plans])
     options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream, verify=output.verify,
                            placement=placement or None, progress=runtime.progress,
-                           trust_remote_code=runtime.trust_remote_code)
+                           trust_remote_code=runtime.trust_remote_code, card=card_facts(settings, folder))
     with write_faults(claim):
         claim.staging.mkdir()
         if len(plans) == 1:
@@ -127,18 +129,33 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
                 # for every budget but the last, and slice fresh copies instead.
                 in_memory, last = not streams(unit, plan, options), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
-                    settings.model, unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+                    str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
                 write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options)
             result.folders = [output.out / budget.label for budget in settings.budgets]
         claim.commit()
     if ppl_ids:
         report_perplexity(result, unit, ppl_ids, settings, dtype, device, console)
+    if any(not plan.is_uniform for plan in plans):
+        console.line(f"layers keep different counts: load with {unit.auto_class}.from_pretrained(PATH, "
+                     "trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: prune with --layout stock")
     console.line(f"wrote {output.out}")
     if output.push_to_hub:
         from fair_moe.workflow.publish import push
 
         console.line(f"pushed to {push(output.out, output.push_to_hub, output.private)}")
     return result
+
+
+def card_facts(settings: PruneSettings, folder: Path | None):
+    """What the model card states beyond the plan: base model id and licence, Hub datasets, where to load from."""
+    from fair_moe.workflow.report import base_card_facts
+
+    facts = base_card_facts(settings.model, settings.output.base_model, folder)
+    dataset = settings.calibration.dataset
+    if dataset and not Path(dataset).exists():
+        facts.datasets = (dataset,)
+    facts.load_path = settings.output.push_to_hub or str(settings.output.out)
+    return facts
 
 
 SIDE_FILES_BYTES = 64 * 2**20  # scores, plan, card, plot, tokenizer: generous room beside the weights
@@ -192,7 +209,7 @@ def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: Pr
     if allocation == AUTO:
         selection = select_plan(model, unit, scores, budget, method.compensation, method.protection,
                                 method.min_keep, settings.model, batch_size, settings.runtime.progress,
-                                settings.calibration.seed, method.compensation_options)
+                                settings.calibration.seed, method.compensation_options, method.layout)
         plan, settled = selection.plan, selection.compensation_settled
     else:
         plan = make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,

@@ -44,21 +44,24 @@ def card_results(results_json: Path) -> dict:
 
 def push(folder: Path, repo_id: str, private: bool = False, results_json: Path | None = None, api=None) -> str:
     """Upload ``folder`` to ``repo_id``; returns the repo URL. ``api`` is an HfApi (injectable for tests)."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, ModelCard, get_token
 
-    from fair_moe.workflow.report import model_card
+    from fair_moe.workflow.report import CardFacts, model_card
 
     plan = check_folder(folder)
     card_path = Path(folder) / "README.md"
-    card = model_card(plan, card_results(results_json)) if results_json is not None else None
+    data = ModelCard.load(card_path).data.to_dict()
+    facts = CardFacts(base_model_id=data.get("base_model"), license=data.get("license"),
+                      datasets=tuple(data.get("datasets") or ()), load_path=repo_id,
+                      results=card_results(results_json) if results_json is not None else {})
+    card = model_card(plan, facts)
     api = api or HfApi()
     if getattr(api, "token", None) is None and get_token() is None:
         raise FairMoeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again with "
                            f"python -m fair_moe.push {folder} {repo_id}")
     previous = card_path.read_text()
     try:
-        if card is not None:
-            card_path.write_text(card)
+        card_path.write_text(card)  # the repo id and any results go into the uploaded card
         url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=f"fair_moe: {plan.removed_total} {plan.unit} pruned "

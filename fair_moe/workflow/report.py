@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fair_moe.core.plan import PrunePlan
@@ -31,15 +32,60 @@ def _counts_line(plan: PrunePlan) -> str:
     return ", ".join(f"{layer}: {n}" for layer, n in plan.kept_counts.items())
 
 
-def model_card(plan: PrunePlan, results: dict | None = None) -> str:
-    """A Hub model card with YAML metadata, what was pruned and how, and how to load it."""
+@dataclass
+class CardFacts:
+    """What the card says beyond the plan: the base model's Hub id (None for a local folder nobody named), its
+    licence (inherited from the base model's card), Hub datasets calibrated on, where to load the model from, and
+    evaluation results ({"task/metric": value}, from ``fair_moe.eval``)."""
+
+    base_model_id: str | None = None
+    license: str | None = None
+    datasets: tuple[str, ...] = ()
+    load_path: str = "PATH_OR_REPO"
+    results: dict = field(default_factory=dict)
+
+
+def base_card_facts(source: str, base_model_id: str | None = None, folder: Path | None = None) -> CardFacts:
+    """What a card inherits from the base model: its Hub id (a Hub id given as --model, or --base-model) and the
+    licence its own card declares (read from ``folder``, where the model was loaded from)."""
+    local = Path(source).expanduser()
+    hub_id = base_model_id or (None if local.exists() else source)
+    license_ = None
+    folder = folder if folder is not None else (local if local.is_dir() else None)
+    card_file = folder / "README.md" if folder is not None else None
+    if card_file is not None and card_file.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            license_ = ModelCard.load(card_file).data.to_dict().get("license")
+        except Exception:  # a README that is not a Hub card: no licence to inherit
+            license_ = None
+    return CardFacts(base_model_id=hub_id, license=license_)
+
+
+def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
+    """The Hub model card (huggingface_hub's ModelCard): metadata, exactly what was done to the weights, the
+    method that made the plan, and how to load it. Nothing of the base model's own documentation."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    if facts is None:
+        facts = base_card_facts(plan.base_model) if plan.base_model else CardFacts()
     unit = UNIT_KINDS.get(plan.unit)
     s = plan.settings
-    base = plan.base_model or "unknown"
     calib = s.get("calibration") or {}
     allocation, removal = chosen_method(plan)
+    base = facts.base_model_id or (f"a local checkpoint ({Path(plan.base_model).name})" if plan.base_model
+                                   else "an unnamed base model")
+    results = [EvalResult(task_type=unit.pipeline_tag, dataset_type=key.split("/")[0], dataset_name=key.split("/")[0],
+                          metric_type=key.split("/", 1)[-1], metric_value=float(value))
+               for key, value in facts.results.items() if isinstance(value, (int, float))]
+    data = ModelCardData(
+        base_model=facts.base_model_id, license=facts.license, datasets=list(facts.datasets) or None,
+        library_name="transformers", pipeline_tag=unit.pipeline_tag,
+        tags=[*unit.card_tags, "pruned", "fair-moe"],
+        model_name=f"{plan.model_type} pruned by fair_moe" if results else None, eval_results=results or None,
+    )
     load_kw = "" if plan.is_uniform else ", trust_remote_code=True"
-    local_base = plan.base_model is None or Path(base).exists()
     how = [
         f"- allocation: `{allocation}`" + (f" (Tolerance of Difference, α* = {plan.alpha:.4f})"
                                             if plan.alpha is not None else "")
@@ -54,46 +100,39 @@ def model_card(plan: PrunePlan, results: dict | None = None) -> str:
         "- calibration: " + ", ".join(f"{k} {v}" for k, v in calib.items()),
         f"- {unit.noun} kept per layer: {_counts_line(plan)}",
     ]
-    lines = [
-        "---",
-        "base_model: null" if local_base else f"base_model: {base}",
-        "library_name: transformers",
-        f"pipeline_tag: {unit.pipeline_tag}",
-        "tags:",
-        *[f"- {tag}" for tag in unit.card_tags],
-        "- pruned",
-        "- fair-moe",
-        "---",
-        "",
+    body = [
         f"# {plan.model_type} with {plan.removed_total} {unit.noun} pruned by fair_moe",
         "",
-        f"Base model: `{base}`. " + weights_sentence(plan),
+        f"Base model: {f'`{base}`' if facts.base_model_id else base}. " + weights_sentence(plan),
         "",
         "## How it was pruned",
         "",
         *how,
         "",
         "The kept ids of every layer are in `fair_moe_plan.json`; every unit's scores are in "
-        "`fair_moe_scores.safetensors` (re-prune at another budget with `--scores`).",
+        "`fair_moe_scores.safetensors` (re-prune at another budget with `--scores`); the settings that reproduce "
+        "this checkpoint are in `fair_moe_recipe.yaml`.",
         "",
         "## How to load it",
         "",
         "```python",
         f"from transformers import {unit.auto_class}",
-        f'model = {unit.auto_class}.from_pretrained("PATH_OR_REPO"{load_kw})',
+        f'model = {unit.auto_class}.from_pretrained("{facts.load_path}"{load_kw})',
         "```",
         "",
-        "Every layer keeps the same number of units, so this is the stock architecture (no remote code)."
-        if plan.is_uniform
+        "Every layer keeps the same number of units, so this is the stock architecture: it loads without remote "
+        "code, and in serving engines such as vLLM." if plan.is_uniform
         else "The layers keep different numbers of units: the checkpoint carries `modeling_fair_moe.py` "
-        "(registered through `auto_map`), so loading needs `trust_remote_code=True`.",
+        "(registered through `auto_map`, `architectures` names `" + unit.uneven_class + "`), so loading needs "
+        "`trust_remote_code=True`; serving engines that do not run remote code (vLLM, "
+        "SGLang, TGI) need a plan with one count per layer (`--layout stock`).",
         "",
     ]
-    if results:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
-        lines.append("")
-    return "\n".join(lines)
+    if facts.results:
+        body += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        body += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in facts.results.items()]
+        body.append("")
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
 
 
 def plot_allocation(plan: PrunePlan, path: Path) -> None:

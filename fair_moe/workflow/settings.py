@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fair_moe.core.budget import Budget
 from fair_moe.core.errors import FairMoeError
-from fair_moe.strategies import ALLOCATIONS, AUTO, COMPENSATIONS, PROTECTION_SIGNALS, REMOVAL_SIGNALS
+from fair_moe.strategies import ALLOCATIONS, AUTO, COMPENSATIONS, LAYOUTS, PROTECTION_SIGNALS, REMOVAL_SIGNALS
 from fair_moe.strategies.compensations import options_for
 from fair_moe.units import UNIT_KINDS, UnitKind
 
@@ -63,6 +63,7 @@ class MethodSettings:
     compensation: str = AUTO
     min_keep: int | None = None
     compensation_options: tuple[str, ...] = ()  # NAME=VALUE pairs for the compensation (--compensate-option)
+    layout: str = "any"  # "stock": every layer keeps the same count (--layout)
 
     def validate(self, budgets: tuple[Budget, ...]) -> UnitKind:
         unit = UNIT_KINDS.get(self.units)
@@ -76,6 +77,13 @@ class MethodSettings:
             offered = REMOVAL_SIGNALS.names(lambda s: s.available(unit.measures))
             raise FairMoeError(f"--removal {removal.name} is not available for --units {unit.name} ({unit.noun} have "
                                f"no {', '.join(removal.requires)}): use one of {', '.join(offered)}")
+        if self.layout not in LAYOUTS:
+            raise FairMoeError(f"--layout {self.layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
+        allocation = self.allocation_for(unit)
+        if self.layout == "stock" and allocation != AUTO and not ALLOCATIONS.get(allocation).even_counts:
+            raise FairMoeError(f"--allocation {allocation} gives layers different counts, which --layout stock "
+                               f"forbids: use --allocation {' or '.join(ALLOCATIONS.names(lambda r: r.even_counts))} "
+                               "or auto, or --layout any")
         if any(b.tolerance is not None for b in budgets):
             rule = ALLOCATIONS.get(self.allocation_for(unit)) if self.allocation_for(unit) != AUTO else None
             if rule is None or not rule.supports_tolerance:
@@ -146,6 +154,7 @@ class OutputSettings:
     ppl_files: tuple[Path, ...] = ()
     push_to_hub: str | None = None
     private: bool = False
+    base_model: str | None = None  # the Hub id a local --model folder holds, for the card's base_model
 
     def validate(self, multi_budget: bool) -> None:
         from fair_moe.checkpoint.atomic import check_output_dir

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fair_moe.calibration import CalibrationBatches
@@ -22,7 +22,7 @@ from fair_moe.core.scores import SCORES_FILE, Scores
 from fair_moe.strategies import COMPENSATIONS
 from fair_moe.strategies.selection import reference
 from fair_moe.units import UnitKind
-from fair_moe.workflow.report import model_card, plot_allocation
+from fair_moe.workflow.report import CardFacts, model_card, plot_allocation
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class WriteOptions:
     placement: dict | None = None
     progress: bool = True
     trust_remote_code: bool = False
+    card: CardFacts = field(default_factory=CardFacts)
 
 
 def streams(unit: UnitKind, plan: PrunePlan, options: WriteOptions) -> bool:
@@ -107,7 +108,7 @@ def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: Prune
                         and plan.is_uniform)
     plan.save(folder)
     scores.save(folder / SCORES_FILE)
-    (folder / "README.md").write_text(model_card(plan))
+    (folder / "README.md").write_text(model_card(plan, options.card))
     plot_allocation(plan, folder / "allocation.png")
     unit.verify_saved(folder, plan, model.config)
     if options.verify:

@@ -334,3 +334,50 @@ def test_output_config_is_the_source_config_patched(tiny_checkpoint, calib_files
     names = {p.name for p in out.iterdir()}
     assert "LICENSE" in names and "tokenizer.json" in names
     assert not names & {"TRAINING.md", "training_metrics.json"}
+
+
+def test_layout_stock_gives_the_stock_class(tiny_checkpoint, calib_files, tmp_path, capsys):
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    out = tmp_path / "stock"
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", "--layout", "stock", *calib,
+                   *FAST) == 0  # auto, judged among plans with one count per layer only
+    plan = PrunePlan.load(out)
+    assert plan.is_uniform and {c["allocation"] for c in plan.settings["candidates"]} == {"uniform"}
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen2MoeForCausalLM"
+    assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "no", "--budget", "0.5", "--layout", "stock",
+                   "--allocation", "tod", *calib, *FAST) == 2
+    assert "--layout stock" in capsys.readouterr().err
+
+
+def test_an_uneven_plan_says_how_to_load_it(pruned_tod, capsys, tiny_checkpoint, tmp_path):
+    assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "o", "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "none", "--scores", pruned_tod, "--quiet") == 0
+    out = capsys.readouterr().out
+    if not PrunePlan.load(tmp_path / "o").is_uniform:
+        assert "trust_remote_code=True" in out and "--layout stock" in out
+
+
+def test_a_hub_id_is_streamed_from_its_snapshot(tiny_checkpoint, pruned_tod, tmp_path, monkeypatch):
+    """--model org/name resolves through the Hub cache (offline here) and is streamed like a local folder, with
+    --device-map too; the card names it as base_model and inherits its licence."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny-moe"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / revision)
+    (repo / "snapshots" / revision / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    assert run_cli("--model", "org/tiny-moe", "--out", out, "--budget", "0.5", "--allocation", "uniform",
+                   "--compensate", "none", "--scores", pruned_tod, "--device-map", "auto", "--quiet") == 0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["base_model"] == "org/tiny-moe" and card["license"] == "apache-2.0"
+    assert PrunePlan.load(out).base_model == "org/tiny-moe"
+    assert run_cli("--model", "org/not-cached", "--out", tmp_path / "none", "--budget", "0.5", "--quiet") == 2

@@ -20,6 +20,7 @@ class AllocationRule:
     supports_tolerance: bool = False  # whether --tolerance (ToD's α) applies
     auto_candidate: bool = True  # whether --allocation auto tries it
     paper: bool = False  # the FAIR-Pruner paper's own rule
+    even_counts: bool = False  # every layer always loses the same number (the plan loads with the stock class)
 
     def allocate(self, u: Tensor, r: Tensor, n_max: list[int], total: int | None, alpha: float | None,
                  groups: int) -> Allocation:

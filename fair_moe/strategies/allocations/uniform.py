@@ -9,6 +9,7 @@ from fair_moe.strategies.allocations.base import ALLOCATIONS, AllocationRule
 class Uniform(AllocationRule):
     name = "uniform"
     description = "every layer loses the same number of units, its lowest-U ones"
+    even_counts = True
 
     def allocate(self, u, r, n_max, total, alpha, groups):
         from fair_moe import allocation

@@ -13,6 +13,8 @@ from fair_moe.core.budget import UnitLayout
 from fair_moe.core.errors import FairMoeError
 from fair_moe.units.base import UNIT_KINDS, UnitKind
 
+UNEVEN_CLASS = "FairMoeForCausalLM"
+
 
 @UNIT_KINDS.register
 class ExpertsUnit(UnitKind):
@@ -26,6 +28,7 @@ class ExpertsUnit(UnitKind):
     pipeline_tag = "text-generation"
     card_tags = ("moe",)
     removal_means = "the removed experts made unreachable (router logits set to -inf)"
+    uneven_class = UNEVEN_CLASS
     default_removal = "reap"
     default_allocation = "auto"
     takes_compensation = True

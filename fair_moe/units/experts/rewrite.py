@@ -22,9 +22,7 @@ from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.units.base import MODELING_FILE, keep_architectures, modeling_file
-from fair_moe.units.experts import modeling_template
-
-UNEVEN_CLASS = "FairMoeForCausalLM"
+from fair_moe.units.experts import UNEVEN_CLASS, modeling_template
 
 
 def _slice_module(module: nn.Module, names: list[str], keep: torch.Tensor) -> None:
@@ -86,7 +84,7 @@ def update_config(config, plan: PrunePlan, layout: dict) -> None:
     if not plan.is_uniform:
         config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
         config.fair_moe_layout = layout
-        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.FairMoeForCausalLM"}
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{UNEVEN_CLASS}"}
         # A loader that ignores auto_map (vLLM, SGLang, TGI) must not take this for the stock architecture.
         config.architectures = [UNEVEN_CLASS]
 

@@ -13,6 +13,7 @@ from fair_moe.core.errors import FairMoeError
 from fair_moe.units.base import UNIT_KINDS, UnitKind
 
 VISION_MODEL_TYPES = ("vit", "deit")
+UNEVEN_CLASS = "FairMoeForImageClassification"
 
 
 class VisionUnits(UnitKind):
@@ -27,6 +28,7 @@ class VisionUnits(UnitKind):
     default_removal = "wasserstein"
     default_allocation = "tod"
     exact_tolerance = 1e-4
+    uneven_class = UNEVEN_CLASS
 
     def check_config(self, config) -> None:
         if config.model_type not in VISION_MODEL_TYPES:

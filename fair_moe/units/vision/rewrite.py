@@ -16,10 +16,8 @@ from torch import nn
 
 from fair_moe.core.plan import PrunePlan
 from fair_moe.units.base import MODELING_FILE, keep_architectures, modeling_file
-from fair_moe.units.vision import modeling_template
+from fair_moe.units.vision import UNEVEN_CLASS, modeling_template
 from fair_moe.units.vision.modules import attention_modules, mlp_layers
-
-UNEVEN_CLASS = "FairMoeForImageClassification"
 
 
 @contextlib.contextmanager
