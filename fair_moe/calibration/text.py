@@ -23,20 +23,48 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CalibrationSource:
-    """Texts of one calibration class."""
+    """Texts of one calibration class; ``samples`` windows are drawn from it when set (else an even share)."""
 
     name: str
     texts: list[str]
+    samples: int | None = None
 
 
-def read_text_file(path: Path, text_field: str = "text") -> list[str]:
-    """A .txt file is one text; a .jsonl file gives one text per line from ``text_field``."""
+CHAT_FIELDS = ("messages", "conversations")
+
+
+def record_text(record, field: str, tokenizer=None, where: str = "") -> str:
+    """The text of one record: ``field`` as a string, or a chat (a list of {"role", "content"} messages, in
+    ``field`` or, when ``field`` is absent, in a ``messages`` / ``conversations`` column) rendered with the
+    tokenizer's chat template."""
+    value = record.get(field) if isinstance(record, dict) else None
+    if value is None and isinstance(record, dict) and field == "text":
+        value = next((record[f] for f in CHAT_FIELDS if f in record), None)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise FairMoeError(f"{where} holds chat messages but the model's tokenizer has no chat template: pass "
+                               "plain text (--text-field) or a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(value, tokenize=False)
+    raise FairMoeError(f"{where} has no {field!r} field with text or chat messages: set --text-field to the field "
+                       "holding the text")
+
+
+def read_text_file(path: Path, text_field: str = "text", tokenizer=None) -> list[str]:
+    """A .txt file is one text; a .jsonl file gives one text per line from ``text_field`` (or a chat)."""
     path = Path(path)
     if not path.is_file():
-        raise FairMoeError(f"calibration file {path} does not exist: check --calib-file")
+        raise FairMoeError(f"calibration file {path} does not exist or is not a file: check --calib-file")
+    try:
+        content = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise FairMoeError(f"cannot read calibration file {path} ({err.strerror}): check --calib-file") from err
+    if "\x00" in content:
+        raise FairMoeError(f"calibration file {path} is binary, not text: pass a .txt or .jsonl file to --calib-file")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -45,20 +73,16 @@ def read_text_file(path: Path, text_field: str = "text") -> list[str]:
                 raise FairMoeError(
                     f"{path}:{n} is not valid JSON ({err.msg}): fix the file or pass a .txt file"
                 ) from err
-            if not isinstance(record, dict) or text_field not in record:
-                raise FairMoeError(
-                    f"{path}:{n} has no {text_field!r} field: set --text-field to the field holding the text"
-                )
-            texts.append(str(record[text_field]))
+            texts.append(record_text(record, text_field, tokenizer, f"{path}:{n}"))
     else:
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
+        texts = [content]
     if not any(t.strip() for t in texts):
         raise FairMoeError(f"calibration file {path} holds no text: pass a file with text to --calib-file")
     return texts
 
 
-def sources_from_files(paths: list[Path], text_field: str = "text") -> list[CalibrationSource]:
-    return [CalibrationSource(Path(p).stem, read_text_file(p, text_field)) for p in paths]
+def sources_from_files(paths: list[Path], text_field: str = "text", tokenizer=None) -> list[CalibrationSource]:
+    return [CalibrationSource(Path(p).stem, read_text_file(p, text_field, tokenizer)) for p in paths]
 
 
 def bundled_sources() -> list[CalibrationSource]:
@@ -66,31 +90,77 @@ def bundled_sources() -> list[CalibrationSource]:
     return sources_from_files(sorted(BUNDLED_CALIB_DIR.glob("*.txt")))
 
 
-def sources_from_dataset(
-    name: str, configs: list[str | None], split: str, text_field: str, max_texts: int = 20_000
-) -> list[CalibrationSource]:
-    """One source per dataset config, read with ``datasets`` (a Hub id or a local data folder/file)."""
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One calibration class from ``datasets``: ``NAME[,config=C][,split=S][,field=F][,samples=N][,data_files=P]``.
+
+    NAME is a Hub dataset id, a local data folder, or a builder such as ``json`` / ``text`` with ``data_files``.
+    ``samples`` fixes how many calibration windows come from this class (else an even share of --samples).
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    samples: int | None = None
+    data_files: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, split: str = "train", field: str = "text") -> DatasetSpec:
+        name, *parts = [p.strip() for p in text.split(",")]
+        values: dict = {"split": split, "field": field}
+        for part in parts:
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("config", "split", "field", "samples", "data_files"):
+                raise FairMoeError(f"--calib-dataset {text!r}: {part!r} is not one of config=, split=, field=, "
+                                   "samples=, data_files=")
+            values[key] = value
+        if not name:
+            raise FairMoeError(f"--calib-dataset {text!r} names no dataset")
+        if "samples" in values:
+            try:
+                values["samples"] = int(values["samples"])
+            except ValueError as err:
+                raise FairMoeError(f"--calib-dataset {text!r}: samples={values['samples']} is not a number") from err
+            if values["samples"] < 1:
+                raise FairMoeError(f"--calib-dataset {text!r}: samples must be at least 1")
+        return cls(name, **values)
+
+    @property
+    def label(self) -> str:
+        label = "/".join(p for p in (self.name, self.config) if p)
+        return f"{label}:{Path(self.data_files).name}" if self.data_files else label
+
+
+def sources_from_dataset(spec: DatasetSpec, tokenizer=None, chars_needed: int = 4_000_000,
+                         max_texts: int = 50_000) -> CalibrationSource:
+    """One calibration class read with ``datasets`` in streaming mode: rows are read only until about
+    ``chars_needed`` characters of text are in hand (the whole split is never downloaded)."""
     import datasets
 
-    sources = []
-    for config in configs:
-        try:
-            data = datasets.load_dataset(name, config, split=split)
-        except Exception as err:  # datasets raises many unrelated types for "not found" / offline
-            raise FairMoeError(
-                f"cannot load --calib-dataset {name!r} (config {config!r}, split {split!r}): {err}. "
-                "Check --calib-dataset/--calib-config/--calib-split, or pass local text with --calib-file"
-            ) from err
-        if text_field not in data.column_names:
-            raise FairMoeError(
-                f"--calib-dataset {name!r} has no column {text_field!r} "
-                f"(columns: {', '.join(data.column_names)}): set --text-field"
-            )
-        texts = [t for t in data[text_field][:max_texts] if isinstance(t, str) and t.strip()]
-        if not texts:
-            raise FairMoeError(f"--calib-dataset {name!r} gave no text in column {text_field!r}")
-        sources.append(CalibrationSource(f"{name}/{config}" if config else name, texts))
-    return sources
+    try:
+        data = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True,
+                                     data_files=spec.data_files)
+        texts, chars = [], 0
+        for n, record in enumerate(data):
+            text = record_text(record, spec.field, tokenizer, f"--calib-dataset {spec.label} row {n}")
+            if text.strip():
+                texts.append(text)
+                chars += len(text)
+            if chars >= chars_needed or len(texts) >= max_texts:
+                break
+    except FairMoeError:
+        raise
+    except Exception as err:  # datasets raises many unrelated types for "not found" / offline
+        raise FairMoeError(
+            f"cannot load --calib-dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r}): "
+            f"{str(err).splitlines()[0] if str(err) else err.__class__.__name__}. Check --calib-dataset, or pass "
+            "local text with --calib-file"
+        ) from err
+    if not texts:
+        raise FairMoeError(f"--calib-dataset {spec.label} gave no text in field {spec.field!r}: set field= or "
+                           "--text-field")
+    return CalibrationSource(spec.label, texts, spec.samples)
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -135,6 +205,11 @@ def make_calibration_split(
         raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
     gen = torch.Generator().manual_seed(seed)
     per_source = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
+    if any(source.samples is not None for source in sources):  # a composite spec: counts given per source
+        free = [i for i, source in enumerate(sources) if source.samples is None]
+        rest = max(0, samples - sum(source.samples or 0 for source in sources))
+        per_source = [source.samples if source.samples is not None else
+                      rest // len(free) + (free.index(i) < rest % len(free)) for i, source in enumerate(sources)]
     per_source_sel = [
         selection_samples // len(sources) + (i < selection_samples % len(sources)) for i in range(len(sources))
     ]

@@ -55,10 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons)")
     c.add_argument("--units", choices=UNIT_KINDS.names(),
                    help="what to prune: " + _choices(UNIT_KINDS) + " (default: experts; neurons with --calib-images)")
-    c.add_argument("--calib-dataset", help="datasets name or local data path")
-    c.add_argument("--calib-config", help="dataset config; comma-separated for several classes")
-    c.add_argument("--calib-split", default="train")
-    c.add_argument("--text-field", default="text")
+    c.add_argument("--calib-dataset", action="append", default=[], metavar="SPEC",
+                   help="a dataset as one calibration class, read in streaming mode: NAME[,config=C][,split=S]"
+                        "[,field=F][,samples=N][,data_files=PATTERN] (a Hub id, a local folder, or json / text with "
+                        "data_files); repeatable: several specs with samples= make a composite mix")
+    c.add_argument("--calib-config", help="dataset config of a single --calib-dataset; comma-separated for several "
+                   "classes")
+    c.add_argument("--calib-split", default="train", help="default split of --calib-dataset specs (default train)")
+    c.add_argument("--text-field", default="text", help="field holding the text in .jsonl files and datasets; a "
+                   "list of chat messages (or a messages / conversations column) is rendered with the tokenizer's "
+                   "chat template (default text)")
     c.add_argument("--samples", type=int, default=128, help="calibration sequences in total (default 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     c.add_argument("--batch-size", type=int, default=8)
@@ -130,7 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
         model=args.model,
         budgets=Budget.parse(args.budget, args.tolerance),
         calibration=CalibrationSettings(
-            files=tuple(args.calib_file), dataset=args.calib_dataset,
+            files=tuple(args.calib_file), datasets=tuple(args.calib_dataset),
             dataset_configs=tuple(args.calib_config.split(",")) if args.calib_config else (None,),
             split=args.calib_split, text_field=args.text_field, images=args.calib_images, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),

@@ -78,10 +78,6 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     scores = Scores.load(settings.scores) if settings.scores else None
     if scores is not None:
         check_scores_fit(scores, unit, config, path=settings.scores)
-    sources = text_sources(settings.calibration) if scores is None and unit.data == "text" else None
-    if sources is not None and method.removal_for(unit) == "wasserstein" and len(sources) < 2:
-        raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file twice "
-                           "or several comma-separated --calib-config values")
     placement = runtime.placement()
     folder = local_checkpoint(settings.model, runtime.trust_remote_code)  # Hub ids: their snapshot
     source = streamable_source(str(folder))
@@ -92,6 +88,12 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, config, device)
     processor = load_processor(str(folder), unit.processor_class, runtime.trust_remote_code)
+    sources = None
+    if scores is None and unit.data == "text":  # read (and checked) before the weights are loaded
+        sources = text_sources(settings.calibration, processor, settings.model)
+        if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
+            raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
+                               "twice or several --calib-dataset specs")
     model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
     data = None
     if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
@@ -151,9 +153,8 @@ def card_facts(settings: PruneSettings, folder: Path | None):
     from fair_moe.workflow.report import base_card_facts
 
     facts = base_card_facts(settings.model, settings.output.base_model, folder)
-    dataset = settings.calibration.dataset
-    if dataset and not Path(dataset).exists():
-        facts.datasets = (dataset,)
+    specs = settings.calibration.dataset_specs()
+    facts.datasets = tuple(dict.fromkeys(s.name for s in specs if not Path(s.name).exists() and not s.data_files))
     facts.load_path = settings.output.push_to_hub or str(settings.output.out)
     return facts
 

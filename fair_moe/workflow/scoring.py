@@ -15,21 +15,31 @@ from fair_moe.workflow.settings import CalibrationSettings
 log = logging.getLogger(__name__)
 
 
-def text_sources(settings: CalibrationSettings) -> list[CalibrationSource]:
-    """The calibration classes: each --calib-file, each --calib-config of a dataset, or the bundled sample."""
+def text_sources(settings: CalibrationSettings, tokenizer=None, model: str | None = None) -> list[CalibrationSource]:
+    """The calibration classes: each --calib-file, each --calib-dataset spec (or --calib-config), or, for the
+    bundled demo model only, the bundled sample. Chat data is rendered with the tokenizer's chat template."""
     from fair_moe.calibration.text import bundled_sources, sources_from_dataset, sources_from_files
 
     if settings.files:
-        return sources_from_files(list(settings.files), settings.text_field)
-    if settings.dataset:
-        return sources_from_dataset(settings.dataset, list(settings.dataset_configs), settings.split,
-                                    settings.text_field)
-    log.warning(
-        "no calibration data given: using the small bundled sample in %s (code, licences, Python docs). "
-        "Pass text like your model's use with --calib-file FILE (repeatable) or --calib-dataset NAME.",
-        BUNDLED_CALIB_DIR,
-    )
+        return sources_from_files(list(settings.files), settings.text_field, tokenizer)
+    if settings.datasets:
+        chars = 8 * settings.seq_len * (settings.samples + selection_windows(settings.samples))
+        return [sources_from_dataset(spec, tokenizer, chars_needed=chars) for spec in settings.dataset_specs()]
+    if model is not None and not is_demo_model(model):
+        raise FairMoeError("no calibration data given: pass text like your model's use with --calib-file FILE "
+                           "(repeatable, one class each) or --calib-dataset NAME[,config=C][,samples=N] (repeatable), "
+                           "e.g. --calib-dataset allenai/c4,config=en; the bundled sample is only for the demo model")
+    log.info("no calibration data given: using the sample bundled with the demo model (%s)", BUNDLED_CALIB_DIR)
     return bundled_sources()
+
+
+def is_demo_model(model: str) -> bool:
+    from pathlib import Path
+
+    from fair_moe.calibration import DEMO_MODEL_DIR
+
+    path = Path(model).expanduser()
+    return path.is_dir() and path.resolve() == DEMO_MODEL_DIR.resolve()
 
 
 def selection_windows(samples: int) -> int:

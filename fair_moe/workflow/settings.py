@@ -23,8 +23,8 @@ class CalibrationSettings:
     class per config), or an image folder (one class per sub-folder); none of them → the bundled sample."""
 
     files: tuple[Path, ...] = ()
-    dataset: str | None = None
-    dataset_configs: tuple[str | None, ...] = (None,)
+    datasets: tuple[str, ...] = ()  # --calib-dataset specs: NAME[,config=C][,split=S][,field=F][,samples=N]…
+    dataset_configs: tuple[str | None, ...] = (None,)  # --calib-config: one class per config of one dataset
     split: str = "train"
     text_field: str = "text"
     images: Path | None = None
@@ -33,9 +33,23 @@ class CalibrationSettings:
     batch_size: int = 8
     seed: int = 0
 
+    def dataset_specs(self) -> list:
+        """One DatasetSpec per calibration class from --calib-dataset (and --calib-config)."""
+        from dataclasses import replace as _replace
+
+        from fair_moe.calibration.text import DatasetSpec
+
+        specs = [DatasetSpec.parse(text, self.split, self.text_field) for text in self.datasets]
+        if len(specs) == 1 and specs[0].config is None and self.dataset_configs != (None,):
+            specs = [_replace(specs[0], config=config) for config in self.dataset_configs]
+        return specs
+
     def validate(self) -> None:
-        if self.files and self.dataset:
+        if self.files and self.datasets:
             raise FairMoeError("pass --calib-file or --calib-dataset, not both")
+        if self.dataset_configs != (None,) and len(self.datasets) != 1:
+            raise FairMoeError("--calib-config goes with one --calib-dataset (or write config= in each spec)")
+        self.dataset_specs()
         if self.samples < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
         for path in self.files:
@@ -47,8 +61,8 @@ class CalibrationSettings:
         """Calibration classes known from the settings alone (None: the bundled sample or a dataset folder)."""
         if self.files:
             return len(self.files)
-        if self.dataset:
-            return len(self.dataset_configs)
+        if self.datasets:
+            return len(self.dataset_specs())
         return None
 
 

@@ -381,3 +381,22 @@ def test_a_hub_id_is_streamed_from_its_snapshot(tiny_checkpoint, pruned_tod, tmp
     assert card["base_model"] == "org/tiny-moe" and card["license"] == "apache-2.0"
     assert PrunePlan.load(out).base_model == "org/tiny-moe"
     assert run_cli("--model", "org/not-cached", "--out", tmp_path / "none", "--budget", "0.5", "--quiet") == 2
+
+
+def test_no_calibration_data_for_a_model_that_is_not_the_demo(tiny_checkpoint, tmp_path, capsys):
+    assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "o", "--budget", "0.25", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "--calib-file" in err and "--calib-dataset" in err and not (tmp_path / "o").exists()
+
+
+def test_a_composite_dataset_mix_from_the_command_line(tiny_checkpoint, calib_files, tmp_path):
+    data = [x for f in calib_files for x in ("--calib-dataset", f"json,data_files={f},samples=3")
+            if f.suffix == ".jsonl"]
+    out = tmp_path / "mix"
+    code = calib_files[0]
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in code.read_text().split("\n\n")))
+    assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.25", "--allocation", "uniform",
+                   "--compensate", "none", *data, "--calib-dataset", f"json,data_files={tmp_path / 'code.jsonl'}",
+                   *FAST) == 0
+    calibration = PrunePlan.load(out).settings["calibration"]
+    assert calibration["sources"] == ["json:legal.jsonl", "json:code.jsonl"] and calibration["samples"] == 4
