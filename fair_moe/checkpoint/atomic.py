@@ -27,6 +27,7 @@ from fair_moe.core.plan import PLAN_FILE
 
 PARTIAL = "fair_moe-partial"
 LOCK_FILE = "lock"
+_ACTIVE: set[OutputClaim] = set()  # claims of this process, removed at once by ``abort_claims`` on a signal
 
 
 def written_by_fair_moe(folder: Path) -> bool:
@@ -100,6 +101,7 @@ class OutputClaim:
             for other in _containers(self.out):
                 self._clear_stale(other)
             self.container.mkdir()
+            _ACTIVE.add(self)
             self._fd = _try_lock(self.container / LOCK_FILE)
         except OSError as err:
             self._remove()
@@ -133,10 +135,17 @@ class OutputClaim:
         self._remove()
 
     def _remove(self) -> None:
+        _ACTIVE.discard(self)
         shutil.rmtree(self.container, ignore_errors=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def abort_claims() -> None:
+    """Remove every container this process holds (on SIGINT / SIGTERM, before exiting at once)."""
+    for claim in list(_ACTIVE):
+        claim._remove()
 
 
 def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:

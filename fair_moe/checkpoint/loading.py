@@ -105,6 +105,7 @@ def load_model(name: str, auto_class: str, dtype, device, placement: dict | None
     """The model through ``transformers.<auto_class>``, in eval mode, on ``device`` unless ``placement`` (accelerate
     ``device_map`` / ``max_memory`` / ``offload_folder``) places it."""
     import transformers
+    from safetensors import SafetensorError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,6 +114,9 @@ def load_model(name: str, auto_class: str, dtype, device, placement: dict | None
                 name, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}))
         except (OSError, ValueError) as err:
             raise FairMoeError(f"cannot load the weights of --model {name}: {str(err).splitlines()[0]}") from err
+        except SafetensorError as err:
+            raise FairMoeError(f"cannot load the weights of --model {name}: a weight file is truncated or damaged "
+                               f"({err}); download or save the checkpoint again") from err
     if not placement:
         model = model.to(device)
     return model.eval()

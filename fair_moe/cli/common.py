@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -9,6 +10,17 @@ import threading
 from collections.abc import Callable
 
 from fair_moe.core.errors import FairMoeError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help (unless the help states it)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], (), argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -23,17 +35,27 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised where the program is, so that every clean-up (temporary folders, locks) runs."""
-
-
 def _interrupt(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    """SIGINT / SIGTERM: remove what this run has half-written, say so in one line and exit at once.
+
+    Exiting from the handler (rather than raising into whatever the program was doing) works even when the
+    signal lands inside a finaliser or a C call, where an exception would be swallowed or half-handled."""
+    import os
+
+    from fair_moe.checkpoint.atomic import abort_claims
+
+    abort_claims()
+    name = signal.Signals(signum).name
+    sys.stdout.flush()
+    # a progress bar may have left the cursor mid-line: the message starts a line of its own
+    print(f"\nerror: interrupted by {name}; nothing half-written was left behind", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def run_command(run: Callable[[], object]) -> int:
-    """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2;
-    SIGINT / SIGTERM clean up (nothing half-written stays) and exit 130 / 143 with one line.
+    """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2 (or the
+    error's own ``exit_code``); SIGINT / SIGTERM clean up (nothing half-written stays) and exit 130 / 143 with one
+    line.
 
     fair_moe's own log lines go to stderr; no other library's logging is configured."""
     logger = logging.getLogger("fair_moe")
@@ -43,17 +65,13 @@ def run_command(run: Callable[[], object]) -> int:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         run()
     except FairMoeError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, Interrupted) as err:
-        name = str(err) or "SIGINT"
-        print(f"error: interrupted by {name}; nothing half-written was left behind", file=sys.stderr)
-        return 143 if name == "SIGTERM" else 130
+        return getattr(err, "exit_code", 2)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

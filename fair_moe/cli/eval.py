@@ -16,26 +16,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import run_command
+from fair_moe.cli.common import HelpFormatter, run_command
+from fair_moe.workflow.evaluate import DEFAULT_CACHE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fair_moe.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fair-moe-eval", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="pruned checkpoint folder or Hub id")
-    p.add_argument("--base", help="the model it was pruned from, evaluated identically")
+    p.add_argument("--base", help="the model it was pruned from, evaluated identically (its results are cached)")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
     p.add_argument("--config", type=Path, help="YAML with tasks / num_fewshot / recovery_threshold (configs/eval/)")
     p.add_argument("--include-path", type=Path, help="folder of extra lm-eval task YAMLs (e.g. eval/tasks)")
     p.add_argument("--ppl-file", type=Path, action="append", default=[], help="local text for perplexity (repeatable)")
-    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--limit", type=float, help="examples per task (lm-eval --limit)")
-    p.add_argument("--batch-size", default="1")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-json", type=Path, required=True)
+    p.add_argument("--batch-size", default="1", help="lm-eval batch size (a number or auto)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the config's, else the task's)")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where the model runs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's dtype on a GPU, float32 on the CPU")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="lm-eval model type (vllm when installed)")
+    p.add_argument("--model-args", help="extra lm-eval model arguments, e.g. parallelize=True,max_length=4096 "
+                   "(parallelize also spreads the perplexity model over the GPUs)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own modeling code (uneven fair_moe checkpoints need it)")
+    p.add_argument("--fail-under", type=float, metavar="RATIO",
+                   help="exit 1 when any metric's recovery is below RATIO (default: the config's recovery_threshold)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where base results are cached")
+    p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None,
+                   help="always evaluate the base model again")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice lm-eval makes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--output-json", type=Path, required=True,
+                   help="results; recovery table in .md and lm-eval's own results in .lm_eval.*.json beside it")
     return p
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import run_command
+from fair_moe.cli.common import HelpFormatter, run_command
 from fair_moe.core.budget import Budget
 from fair_moe.strategies import (
     ALLOCATIONS,
@@ -42,8 +42,8 @@ def _choices(registry, auto: str | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fair_moe.prune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fair-moe-prune", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="local checkpoint folder or Hub id")
     p.add_argument("--out", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--list-models", action="store_true", help="print the supported model types and exit")
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-field", default="text", help="field holding the text in .jsonl files and datasets; a "
                    "list of chat messages (or a messages / conversations column) is rendered with the tokenizer's "
                    "chat template (default text)")
-    c.add_argument("--samples", type=int, default=128, help="calibration sequences in total (default 128)")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--samples", type=int, default=128, help="calibration sequences in total")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    c.add_argument("--batch-size", type=int, default=8, help="sequences per forward + backward pass")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window draw, random signal and any fitting")
 
     b = p.add_argument_group("budget")
     b.add_argument("--budget", help="fraction of routed experts removed model-wide (e.g. 0.25); a comma-separated "
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("reuse and runtime")
     r.add_argument("--scores", type=Path, help="fair_moe_scores.safetensors from an earlier run: no calibration")
-    r.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    r.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"],
+                   help="where the model runs (auto: cuda when available)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = the checkpoint's, but float32 on CPU for half-precision checkpoints. "
                         "Weights are saved in the checkpoint's own dtype.")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import run_command
+from fair_moe.cli.common import HelpFormatter, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fair_moe.push", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fair-moe-push", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("folder", type=Path, help="the --out folder of python -m fair_moe.prune")
     p.add_argument("repo_id", help="Hub repository to create or update (owner/name)")
     p.add_argument("--private", action="store_true", help="create the repository as private")

@@ -108,7 +108,11 @@ class Scores:
         removal = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("removal.")}
         scores = cls(tensors["layer_indices"].tolist(), removal, tensors["protection.taylor"], meta,
                      tensors.get("selection_ids"), tensors.get("calibration_ids"))
-        scores.check_finite()
+        try:
+            scores.check_finite()
+        except FairMoeError as err:
+            raise FairMoeError(f"--scores {path} is damaged: {str(err).split(';')[0]}; calibrate again without "
+                               "--scores") from err
         return scores
 
 

@@ -223,8 +223,8 @@ class PruneSettings:
             raise FairMoeError(f"--calib-images is for vision units; --units {unit.name} calibrates on text")
         if len(self.budgets) > 1 and unit.data == "images":
             raise FairMoeError("the vision path takes one --budget at a time")
+        self.check_source_untouched()  # first: the message must say it is the source, not merely "not empty"
         self.output.validate(multi_budget=len(self.budgets) > 1)
-        self.check_source_untouched()
         if not self.output.dry_run:
             if self.scores is None:
                 self.calibration.validate()

@@ -42,3 +42,13 @@ def test_auto_candidates_follow_the_registry_facts():
     assert REMOVAL_SIGNALS.names(lambda s: s.auto_candidate) == ["reap", "frequency", "ean", "wasserstein"]
     assert COMPENSATIONS.names(lambda c: c.auto_candidate) == ["layer-scale"]
     assert ALLOCATIONS.names(lambda r: r.supports_tolerance) == ["tod"]
+
+
+def test_every_flag_of_every_command_is_documented():
+    from fair_moe.cli.eval import build_parser as eval_parser
+    from fair_moe.cli.push import build_parser as push_parser
+
+    for parser in (build_parser(), eval_parser(), push_parser()):
+        assert [a.dest for a in parser._actions if not a.help] == []
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: 128)" in text and "(default: 512)" in text  # defaults are shown

@@ -38,18 +38,40 @@ def test_eval_with_base_writes_metrics_and_recovery(pruned_demo, tmp_path):
     rc = eval_main(["--model", str(pruned_demo), "--base", str(DEMO_MODEL_DIR), "--tasks", "fair_moe_heldout_mc",
                     "--include-path", str(ROOT / "eval" / "tasks"), "--limit", "6",
                     "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"), "--ppl-seq-len", "256",
-                    "--output-json", str(out)])
+                    "--output-json", str(out), "--trust-remote-code", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
     result = json.loads(out.read_text())
     for metrics in (result["metrics"], result["base_metrics"]):
         assert 0.0 <= metrics["fair_moe_heldout_mc/acc"] <= 1.0
-        assert metrics["perplexity/docs"] == pytest.approx(metrics["perplexity/overall"])
+        assert "perplexity/overall" not in metrics  # one file: no second copy of the same number
         assert metrics["perplexity/docs"] > 1.0
     assert result["metrics"]["perplexity/docs"] > result["base_metrics"]["perplexity/docs"]  # pruning half hurts
     rec = result["recovery"]
     assert rec["perplexity/docs"] == pytest.approx(
         result["base_metrics"]["perplexity/docs"] / result["metrics"]["perplexity/docs"])
     assert "| perplexity/docs |" in out.with_suffix(".md").read_text()
+    harness = json.loads(out.with_name("results.lm_eval.model.json").read_text())  # lm-eval's own results, kept
+    assert "fair_moe_heldout_mc" in harness["results"]
+    assert result["base_from_cache"] is False
+    # Again against the same base: its results come from the cache; a threshold it misses exits 1.
+    again = tmp_path / "again.json"
+    rc = eval_main(["--model", str(pruned_demo), "--base", str(DEMO_MODEL_DIR), "--tasks", "fair_moe_heldout_mc",
+                    "--include-path", str(ROOT / "eval" / "tasks"), "--limit", "6",
+                    "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"), "--ppl-seq-len", "256",
+                    "--output-json", str(again), "--trust-remote-code", "--cache-dir", str(tmp_path / "cache"),
+                    "--fail-under", "1.5"])
+    assert rc == 1
+    second = json.loads(again.read_text())
+    assert second["base_from_cache"] is True and second["base_metrics"] == result["base_metrics"]
+
+
+def test_an_uneven_checkpoint_needs_the_trust_flag(pruned_demo, tmp_path, capsys):
+    config = json.loads((pruned_demo / "config.json").read_text())
+    if not config.get("auto_map"):
+        pytest.skip("the demo plan came out even")
+    assert eval_main(["--model", str(pruned_demo), "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"),
+                      "--output-json", str(tmp_path / "r.json")]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
 
 
 def test_unknown_task_and_missing_file_fail_cleanly(tmp_path, capsys):
