@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -52,6 +53,34 @@ def _interrupt(signum, frame) -> None:
     os._exit(128 + signum)
 
 
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True):
+    """--quiet: no progress bars or notices from transformers and huggingface_hub, and fair_moe's own log only for
+    errors, for the duration of the block; what is left on the console is errors and the final path."""
+    if not quiet:
+        yield
+        return
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    logger = logging.getLogger("fair_moe")
+    level, verbosity = logger.level, transformers.utils.logging.get_verbosity()
+    bars, hub_bars = transformers.utils.logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    logger.setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+
 def run_command(run: Callable[[], object]) -> int:
     """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2 (or the
     error's own ``exit_code``); SIGINT / SIGTERM clean up (nothing half-written stays) and exit 130 / 143 with one
@@ -63,7 +92,8 @@ def run_command(run: Callable[[], object]) -> int:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import HelpFormatter, run_command
+from fair_moe.cli.common import HelpFormatter, quiet_libraries, run_command
 from fair_moe.core.budget import Budget
 from fair_moe.strategies import (
     ALLOCATIONS,
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="validate model and budget, print the layout; no calibration")
     s.add_argument("--no-verify", action="store_true",
                    help="skip reloading the written checkpoint and comparing it with the masked original")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="print only errors and the final path (no progress bars)")
     s.add_argument("--no-stream", action="store_true",
                    help="slice the loaded model and save_pretrained it instead of streaming a local checkpoint's "
                         "safetensors shard by shard")
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         from fair_moe.workflow.prune import run_prune
         from fair_moe.workflow.report import Console
 
-        run_prune(settings_from_args(args), Console(quiet=args.quiet))
+        with quiet_libraries(args.quiet):
+            run_prune(settings_from_args(args), Console(quiet=args.quiet))
 
     return run_command(run)

@@ -1,23 +1,35 @@
 """``--allocation auto`` and ``--compensate auto``: choose by measuring the pruned model [ours].
 
-Every candidate plan (each allocation rule × each removal signal marked ``auto_candidate``, at the exact
-budget) is judged by the exact masked forward (removed units unreachable, no rewrite), which the test
-suite proves equal to the rewritten checkpoint, on calibration-source windows the scores were not
-computed from; the lowest loss wins (the first of equal losses, in registry order). With a compensation
-that is an auto candidate, each candidate is judged with that compensation fitted to it too.
+Judging. Every candidate is run as the exact masked model (removed units unreachable; the test suite proves it
+equal to the rewritten checkpoint) on judging windows: calibration-source text the scores were not computed
+from. It is scored per window by KL(dense ‖ pruned) of the next-token distributions (``DenseReference``): the
+dense model is at hand, and unlike the cross-entropy the KL carries none of the text's own entropy, so far
+fewer tokens tell candidates apart.
+
+Screening. Every candidate is first judged on the first quarter of the windows; one that is worse than the
+default there by more than ``Z`` paired standard errors is dropped, and only the rest are judged on every window
+(most candidates are clearly worse, so this saves most of the judging time without changing the decision).
+
+Deciding. A simple default is kept unless a rival beats it clearly: ``DEFAULT_PLAN`` (uniform allocation with
+the ean signal — the plainest baseline, and the best fixed one on models the old default was not developed on)
+stays unless rivals improve on it, paired window by window, by more than ``Z`` standard errors of that paired
+difference; then the rival with the lowest mean KL among those is taken. Taking the minimum of many noisy means
+favours the luckiest candidate (the winner's curse); a clear paired margin is what survives it. Every
+candidate's mean, standard error and paired gain, and the rule, are recorded in the plan. Compensations are
+decided the same way, for the chosen plan: each auto candidate (fitted on calibration windows) against none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 from fair_moe.core.budget import Budget
 from fair_moe.core.errors import FairMoeError
+from fair_moe.core.lazy import lazy_module
 from fair_moe.core.plan import CompensationRecord, PrunePlan
 from fair_moe.core.scores import Scores
-from fair_moe.metrics import mean_loss
+from fair_moe.metrics import DenseReference, mean_loss, paired_difference
 from fair_moe.strategies import AUTO
 from fair_moe.strategies.allocations import ALLOCATIONS
 from fair_moe.strategies.compensations import COMPENSATIONS, Compensation, FitData, options_for
@@ -25,16 +37,23 @@ from fair_moe.strategies.planning import make_plan
 from fair_moe.strategies.signals import REMOVAL_SIGNALS
 from fair_moe.units.base import UnitKind
 
-FIT_WINDOWS = 32  # calibration windows a candidate's compensation is fitted on during selection
-COMPENSATION_FIT_WINDOWS = 64  # calibration windows the chosen compensation is fitted on after a fixed allocation
+torch = lazy_module("torch")
+DEFAULT_PLAN = ("uniform", "ean")  # kept unless a rival is clearly better (module docstring)
+Z = 2.0  # standard errors a rival's paired gain must exceed
+CRITERION = "KL(dense || pruned) of next-token distributions (top-32 tokens + rest), mean per window"
+RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it, paired per window, by more than "
+        f"{Z:g} standard errors; then the one of those with the lowest mean KL")
+COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none, paired per window, by more than {Z:g} "
+                     "standard errors; then the one of those with the lowest mean KL")
+COMPENSATION_FIT_WINDOWS = 64  # calibration windows a compensation is fitted on
 
 
 @dataclass
 class Selection:
-    """The chosen plan; ``compensation_settled`` when selection already decided its compensation."""
+    """The chosen plan; ``judge`` the dense reference it was judged with (reused to decide its compensation)."""
 
     plan: PrunePlan
-    compensation_settled: bool
+    judge: DenseReference | None = None
 
 
 def reference(model, unit: UnitKind, kept: dict[int, list[int]], record: CompensationRecord | None
@@ -48,119 +67,137 @@ def reference(model, unit: UnitKind, kept: dict[int, list[int]], record: Compens
 
 
 def judged_loss(model, unit: UnitKind, kept, record: CompensationRecord | None, ids, batch_size: int) -> float:
+    """Mean cross-entropy of the pruned model on ``ids`` (kept for scripts and benchmarks)."""
     with reference(model, unit, kept, record):
         return mean_loss(model, ids, batch_size)
 
 
-def judged_compensations(kind: str) -> list[Compensation | None]:
-    """What each candidate is judged with: nothing, and/or the auto-candidate compensations."""
-    if kind == AUTO:
-        return [None, *[c for c in COMPENSATIONS if c.auto_candidate]]
-    chosen = COMPENSATIONS.get(kind)
-    return [chosen] if chosen.auto_candidate else [None]
+def window_kl(judge: DenseReference, model, unit: UnitKind, kept, record: CompensationRecord | None):
+    """Per-window KL(dense ‖ pruned) [n] of the plan (kept, record)."""
+    with reference(model, unit, kept, record):
+        return judge.window_kl(model)
 
 
-def _loss_key(compensation: Compensation | None) -> str:
-    return "loss" if compensation is None else "loss_" + compensation.name.replace("-", "_")
+def judging_windows(scores: Scores):
+    ids = scores.selection_ids
+    if ids is None or len(ids) == 0:
+        raise FairMoeError("--allocation auto needs calibration text the scores did not use, and none was left: "
+                           "pass more calibration text, lower --samples, or pick --allocation "
+                           + "|".join(ALLOCATIONS.names()))
+    return ids
+
+
+def _summary(kl, default_kl) -> dict:
+    gain, gain_se = paired_difference(default_kl, kl)
+    se = kl.std(unbiased=True).item() / len(kl) ** 0.5 if len(kl) > 1 else float("inf")
+    return {"kl_mean": kl.mean().item(), "kl_se": se, "gain_vs_default": gain, "gain_se": gain_se}
+
+
+def clearly_worse(kl, default_kl) -> bool:
+    """Worse than the default by more than ``Z`` paired standard errors (dropped at screening)."""
+    row = _summary(kl, default_kl)
+    return row["gain_vs_default"] < -Z * row["gain_se"]
+
+
+def clear_winner(rows: list[dict], default_index: int) -> int:
+    """The rule: of the rows whose paired gain over the default exceeds ``Z`` standard errors, the one with the
+    lowest mean; the default when there is none."""
+    clear = [i for i, row in enumerate(rows) if i != default_index and row["gain_vs_default"] > Z * row["gain_se"]]
+    return min(clear, key=lambda i: (rows[i]["kl_mean"], i)) if clear else default_index
 
 
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",
                 protection: str = "taylor", min_keep: int | None = None, base_model: str | None = None,
                 batch_size: int = 4, progress: bool = True, seed: int = 0, options: tuple[str, ...] = (),
                 layout: str = "any") -> Selection:
-    """The lowest-loss candidate plan; every candidate's loss is recorded in ``plan.settings["candidates"]``."""
+    """The default plan, or a rival that is clearly better on the judging windows (module docstring)."""
     from tqdm.auto import tqdm
 
-    ids = scores.selection_ids
-    if ids is None or len(ids) == 0:
-        raise FairMoeError("--allocation auto needs calibration text the scores did not use, and none was left: "
-                           "pass more calibration text, lower --samples, or pick --allocation "
-                           + "|".join(ALLOCATIONS.names()))
-    fit_ids = scores.calibration_subset(FIT_WINDOWS)
-    judged = judged_compensations(compensation)
-    if fit_ids is None or len(fit_ids) == 0:
-        judged = [None]
+    ids = judging_windows(scores)
+    judge = DenseReference(model, ids, batch_size)
     combos = [(rule.name, signal.name) for rule in ALLOCATIONS
               if rule.auto_candidate and (layout == "any" or rule.even_counts)
               for signal in REMOVAL_SIGNALS if signal.auto_candidate and signal.name in scores.removal]
-    rows: list[dict] = []
-    seen: dict[tuple, dict] = {}
-    for allocation, removal in tqdm(combos, desc="scoring candidate plans", disable=not progress):
-        plan = make_plan(scores, budget, allocation, removal, protection, min_keep, base_model)
-        key = tuple(tuple(v) for _, v in sorted(plan.kept.items()))
-        if key not in seen:
-            seen[key] = _judge(model, unit, plan.kept, judged, ids, fit_ids, batch_size, seed, options, progress)
-        rows.append({"plan": plan, **seen[key]})
+    if DEFAULT_PLAN not in combos:
+        raise FairMoeError(f"--allocation auto needs its default {'+'.join(DEFAULT_PLAN)} among the candidates")
+    plans = [make_plan(scores, budget, a, r, protection, min_keep, base_model) for a, r in combos]
+    default_index = combos.index(DEFAULT_PLAN)
+    screen, rest = judge.split(len(ids) // 4) if len(ids) >= 8 else (judge, None)
+    seen: dict = {}
 
-    best_row = min(rows, key=lambda r: r["best"][0])  # min keeps the first of equal losses
-    best = best_row["plan"]
-    best_loss, best_record = best_row["best"]
-    best.compensation = best_record
+    def kl_on(part, plan):
+        key = (id(part), tuple(tuple(v) for _, v in sorted(plan.kept.items())))
+        if key not in seen:
+            seen[key] = window_kl(part, model, unit, plan.kept, None)
+        return seen[key]
+
+    bar = tqdm(total=len(combos) * 2, desc="judging candidate plans", disable=not progress)
+    first = []
+    for plan in plans:
+        first.append(kl_on(screen, plan))
+        bar.update()
+    kept = [i for i, kl in enumerate(first) if i == default_index or not clearly_worse(kl, first[default_index])]
+    kls: dict[int, object] = {}
+    for i in range(len(plans)):
+        if i in kept:
+            kls[i] = first[i] if rest is None else torch.cat([first[i], kl_on(rest, plans[i])])
+        bar.update()
+    bar.close()
+    rows = []
+    for i, ((a, r), plan) in enumerate(zip(combos, plans, strict=True)):
+        kl = kls.get(i, first[i])
+        reference_kl = kls[default_index] if i in kls else first[default_index]
+        rows.append({"allocation": a, "removal": r, "alpha": plan.alpha, "screened_out": i not in kls,
+                     **_summary(kl, reference_kl)})
+    finalists = [i for i in range(len(rows)) if i in kls]
+    chosen = finalists[clear_winner([rows[i] for i in finalists], finalists.index(default_index))]
+    best = plans[chosen]
     best.settings = {
         **best.settings,
         "allocation": AUTO,
-        "selected": {"allocation": best.settings["allocation"], "removal": best.settings["removal"],
-                     "compensation": best_record.kind if best_record else "none", "loss": best_loss},
-        "selection": {"windows": len(ids), "tokens": int(ids[:, 1:].numel()),
-                      "dense_loss": mean_loss(model, ids, batch_size)},
-        "candidates": [
-            {"allocation": r["plan"].settings["allocation"], "removal": r["plan"].settings["removal"],
-             "alpha": r["plan"].alpha, **{k: v for k, v in r.items() if k.startswith("loss")},
-             "perplexity": math.exp(r["best"][0])}
-            for r in rows
-        ],
+        "selected": {"allocation": combos[chosen][0], "removal": combos[chosen][1], "compensation": "none",
+                     "kl_mean": rows[chosen]["kl_mean"]},
+        "selection": {"criterion": CRITERION, "rule": RULE, "windows": len(ids), "tokens": judge.tokens,
+                      "screening": f"on {len(screen)} windows first; dropped when worse than the default by more "
+                                   f"than {Z:g} paired standard errors",
+                      "default": "+".join(DEFAULT_PLAN), "dense_loss": mean_loss(model, ids, batch_size)},
+        "candidates": rows,
     }
-    return Selection(best, compensation_settled=any(c is not None for c in judged))
-
-
-def _judge(model, unit, kept, judged, ids, fit_ids, batch_size, seed, options, progress) -> dict:
-    """Losses of one candidate with each judged compensation; "best" is (lowest loss, its record)."""
-    result: dict = {}
-    outcomes = []
-    for compensation in judged:
-        record = None if compensation is None else compensation.fit(
-            model, kept, FitData(fit_ids, batch_size, seed, options_for(compensation, options), progress))
-        loss = judged_loss(model, unit, kept, record, ids, batch_size)
-        result[_loss_key(compensation)] = loss
-        outcomes.append((loss, record))
-    result["best"] = min(outcomes, key=lambda o: o[0])
-    return result
+    return Selection(best, judge)
 
 
 def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, kind: str,
                         batch_size: int = 4, seed: int = 0, options: tuple[str, ...] = (),
-                        progress: bool = False) -> PrunePlan:
+                        progress: bool = False, judge: DenseReference | None = None) -> PrunePlan:
     """Fit the chosen compensation on calibration windows and record it in the plan (the weights are untouched
-    until writing). ``auto`` keeps an auto candidate only if it lowers the loss on the selection windows, which
-    the fit never sees; a rejected fit is kept in ``settings["compensation_rejected"]``."""
+    until writing). ``auto`` fits every auto candidate and keeps one only when it beats none clearly on the
+    judging windows (``COMPENSATION_RULE``), which no fit ever sees; the decision is recorded in the plan."""
     if kind == "none" or not unit.takes_compensation:
         return plan
     ids = scores.calibration_subset(COMPENSATION_FIT_WINDOWS)
     if ids is None:
         raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
                            "calibrate again or pass --compensate none")
+
+    def fit(compensation: Compensation) -> CompensationRecord | None:
+        return compensation.fit(model, plan.kept,
+                                FitData(ids, batch_size, seed, options_for(compensation, options), progress))
+
     if kind != AUTO:
-        chosen = COMPENSATIONS.get(kind)
-        plan.compensation = chosen.fit(model, plan.kept,
-                                       FitData(ids, batch_size, seed, options_for(chosen, options), progress))
+        plan.compensation = fit(COMPENSATIONS.get(kind))
         return plan
     held = scores.selection_ids
     if held is None or len(held) == 0:
         return plan
-    plain = judged_loss(model, unit, plan.kept, None, held, batch_size)
-    best: tuple[float, CompensationRecord] | None = None
-    rejected = None
-    for compensation in judged_compensations(AUTO)[1:]:
-        record = compensation.fit(model, plan.kept,
-                                  FitData(ids, batch_size, seed, options_for(compensation, options), progress))
-        loss = judged_loss(model, unit, plan.kept, record, held, batch_size)
-        record.fit.update(selection_loss_without=plain, selection_loss_with=loss)
-        if loss < plain and (best is None or loss < best[0]):
-            best = (loss, record)
-        else:
-            rejected = record
-    if best is not None:
-        plan.compensation = best[1]
-    elif rejected is not None:
-        plan.settings = {**plan.settings, "compensation_rejected": rejected.to_json()}
+    judge = judge if judge is not None else DenseReference(model, held, batch_size)
+    records = [None] + [fit(c) for c in COMPENSATIONS if c.auto_candidate]
+    kls = [window_kl(judge, model, unit, plan.kept, record) for record in records]
+    rows = [{"compensation": record.kind if record else "none", **_summary(kl, kls[0])}
+            for record, kl in zip(records, kls, strict=True)]
+    chosen = clear_winner(rows, 0)
+    plan.compensation = records[chosen]
+    decision = {"criterion": CRITERION, "rule": COMPENSATION_RULE, "candidates": rows}
+    selected = plan.settings.get("selected")
+    plan.settings = {**plan.settings, "compensation_decision": decision,
+                     **({"selected": {**selected, "compensation": rows[chosen]["compensation"]}} if selected else {})}
     return plan

@@ -139,14 +139,14 @@ def prune_model(model, tokenizer, calibration: list[str] | list[CalibrationSourc
             sources = [CalibrationSource("texts", list(calibration))]
         scores = compute_scores(model, tokenizer, sources, samples, seq_len, batch_size, seed, progress)
     base = getattr(model.config, "_name_or_path", None) or None
-    settled = False
+    judge = None
     if allocation == AUTO:
         selection = _selection.select_plan(model, unit, scores, target, compensation, base_model=base,
                                            progress=progress)
-        plan, settled = selection.plan, selection.compensation_settled
+        plan, judge = selection.plan, selection.judge
     else:
         plan = _planning.make_plan(scores, target, allocation, removal, base_model=base)
-    if not settled:
-        plan = _selection.decide_compensation(model, unit, plan, scores, compensation, batch_size)
+    plan = _selection.decide_compensation(model, unit, plan, scores, compensation, batch_size, seed,
+                                          progress=progress, judge=judge)
     apply_plan(model, plan)
     return model, plan

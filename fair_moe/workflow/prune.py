@@ -40,11 +40,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PruneResult:
-    """What a run produced: one plan and one output folder per budget, and dense / pruned perplexities."""
+    """What a run produced: one plan and one output folder per budget, dense / pruned perplexities, and the
+    seconds each phase took (load, calibrate, select, compensate, write, verify, …)."""
 
     plans: list[PrunePlan] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     perplexity: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the block's wall time to phase ``name``."""
+        import time
+
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneResult:
@@ -87,28 +100,31 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
 
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, config, device)
-    processor = load_processor(str(folder), unit.processor_class, runtime.trust_remote_code)
-    sources = None
-    if scores is None and unit.data == "text":  # read (and checked) before the weights are loaded
-        sources = text_sources(settings.calibration, processor, settings.model)
-        if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
-            raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
-                               "twice or several --calib-dataset specs")
-    model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+    result = PruneResult()
+    with result.phase("load"):
+        processor = load_processor(str(folder), unit.processor_class, runtime.trust_remote_code)
+        sources = None
+        if scores is None and unit.data == "text":  # read (and checked) before the weights are loaded
+            sources = text_sources(settings.calibration, processor, settings.model)
+            if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
+                raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
+                                   "twice or several --calib-dataset specs")
+        model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
     data = None
-    if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
-        data = calibration_data(unit, processor, settings.calibration, sources)
-    if scores is None:
-        scores = score(model, unit, data, settings.calibration.seed, runtime.layerwise or bool(placement),
-                       runtime.progress)
-    else:
-        check_scores_fit(scores, unit, config, model, settings.scores)
+    with result.phase("calibrate"):
+        if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
+            data = calibration_data(unit, processor, settings.calibration, sources)
+        if scores is None:
+            scores = score(model, unit, data, settings.calibration.seed, runtime.layerwise or bool(placement),
+                           runtime.progress)
+        else:
+            check_scores_fit(scores, unit, config, model, settings.scores)
 
-    plans = [plan_for(model, unit, scores, budget, settings) for budget in settings.budgets]
+    plans = [plan_for(model, unit, scores, budget, settings, result) for budget in settings.budgets]
+    result.plans = plans
     for plan in plans:
         console.plan(plan)
     ppl_ids = [_ppl_ids(processor, path) for path in output.ppl_files]
-    result = PruneResult(plans=plans)
     if ppl_ids:
         from fair_moe.metrics import perplexity
 
@@ -123,7 +139,7 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     with write_faults(claim):
         claim.staging.mkdir()
         if len(plans) == 1:
-            write_checkpoint(claim.staging, unit, model, processor, plans[0], scores, data, options)
+            write_checkpoint(claim.staging, unit, model, processor, plans[0], scores, data, options, result.phase)
             result.folders = [output.out]
         else:
             for i, (plan, budget) in enumerate(zip(plans, settings.budgets, strict=True)):
@@ -132,7 +148,8 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
                 in_memory, last = not streams(unit, plan, options), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
                     str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
-                write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options)
+                write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options,
+                                 result.phase)
             result.folders = [output.out / budget.label for budget in settings.budgets]
         claim.commit()
     if ppl_ids:
@@ -140,7 +157,8 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     if any(not plan.is_uniform for plan in plans):
         console.line(f"layers keep different counts: load with {unit.auto_class}.from_pretrained(PATH, "
                      "trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: prune with --layout stock")
-    console.line(f"wrote {output.out}")
+    console.timings(result.seconds)
+    console.final(f"wrote {output.out}")
     if output.push_to_hub:
         from fair_moe.workflow.publish import push
 
@@ -203,24 +221,30 @@ def budget_line(unit: UnitKind, layout: UnitLayout, budget: Budget, allocation: 
             f"uniform allocation; {allocation} allocation decides the split)")
 
 
-def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings) -> PrunePlan:
+def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings,
+             result: PruneResult | None = None) -> PrunePlan:
     """One budget's plan: allocation (auto: selected on the model), then its compensation."""
     method, batch_size = settings.method, settings.calibration.batch_size
     allocation = method.allocation_for(unit)
+    result = result or PruneResult()
+    with result.phase("select"):
+        plan, judge = _allocate(model, unit, scores, budget, settings, allocation)
+    with result.phase("compensate"):
+        return decide_compensation(model, unit, plan, scores, method.compensation, batch_size,
+                                   settings.calibration.seed, method.compensation_options,
+                                   settings.runtime.progress, judge)
+
+
+def _allocate(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings, allocation: str):
+    """The plan of a fixed allocation rule, or the one auto selects (and the dense reference it judged with)."""
+    method, batch_size = settings.method, settings.calibration.batch_size
     if allocation == AUTO:
         selection = select_plan(model, unit, scores, budget, method.compensation, method.protection,
                                 method.min_keep, settings.model, batch_size, settings.runtime.progress,
                                 settings.calibration.seed, method.compensation_options, method.layout)
-        plan, settled = selection.plan, selection.compensation_settled
-    else:
-        plan = make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,
-                         settings.model)
-        settled = False
-    if not settled:
-        plan = decide_compensation(model, unit, plan, scores, method.compensation, batch_size,
-                                   settings.calibration.seed, method.compensation_options,
-                                   settings.runtime.progress)
-    return plan
+        return selection.plan, selection.judge
+    return make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,
+                     settings.model), None
 
 
 def _ppl_ids(processor, path: Path):

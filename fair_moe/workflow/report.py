@@ -165,28 +165,45 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
 
 
 class Console:
-    """What a run prints: the layout before any work, the plans, the perplexity table, where it wrote."""
+    """What a run prints: the layout before any work, the plans, the perplexity table, the time each phase took,
+    where it wrote. ``quiet`` keeps only the last (errors go to stderr regardless)."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
 
     def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text)
+
+    def final(self, text: str) -> None:
         print(text)
 
+    def timings(self, phases: dict[str, float]) -> None:
+        self.line("time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+                  + f" (total {sum(phases.values()):.1f} s)")
+
     def plan(self, plan: PrunePlan) -> None:
+        if self.quiet:
+            return
         s = plan.settings
         if "candidates" in s:
-            keys = sorted({k for c in s["candidates"] for k in c if k.startswith("loss")},
-                          key=lambda k: (k != "loss", k))
-            print("candidate plans (loss on held-out calibration windows):")
-            print("  allocation removal       " + "  ".join(f"{k.replace('loss_', '+').replace('loss', 'plain'):>14s}"
-                                                            for k in keys))
-            for c in sorted(s["candidates"], key=lambda c: c["perplexity"]):
-                print(f"  {c['allocation']:10s} {c['removal']:12s} "
-                      + "  ".join(f"{c[k]:14.4f}" if k in c else " " * 14 for k in keys))
+            selection = s.get("selection", {})
+            print(f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows, "
+                  f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):")
+            print("  allocation removal        mean KL ± se          gain ± se")
+            for c in sorted(s["candidates"], key=lambda c: c["kl_mean"]):
+                print(f"  {c['allocation']:10s} {c['removal']:12s} {c['kl_mean']:.5f} ± {c['kl_se']:.5f}  "
+                      f"{c['gain_vs_default']:+.5f} ± {c['gain_se']:.5f}")
             chosen = s["selected"]
-            print(f"auto chose {chosen['allocation']} + {chosen['removal']}"
-                  + (f" with {chosen['compensation']}" if chosen.get("compensation", "none") != "none" else ""))
+            print(f"rule: {selection.get('rule')}")
+            print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
+        decision = s.get("compensation_decision")
+        if decision:
+            print("compensations (KL on the same windows):")
+            for c in decision["candidates"]:
+                print(f"  {c['compensation']:20s} {c['kl_mean']:.5f} ± {c['kl_se']:.5f}  "
+                      f"{c['gain_vs_default']:+.5f} ± {c['gain_se']:.5f}")
+            print(f"rule: {decision['rule']}")
         allocation, removal = chosen_method(plan)
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")
               + "):")
@@ -198,6 +215,8 @@ class Console:
             print("  " + COMPENSATIONS.get(plan.compensation.kind).summary(plan.compensation))
 
     def perplexity(self, names: list[str], dense: list[float], pruned: dict[str, list[float]]) -> None:
+        if self.quiet:
+            return
         print("perplexity  " + "  ".join(f"{n[:14]:>14s}" for n in names))
         print("  dense     " + "  ".join(f"{v:14.3f}" for v in dense))
         for label, values in pruned.items():

@@ -43,8 +43,9 @@ def is_demo_model(model: str) -> bool:
 
 
 def selection_windows(samples: int) -> int:
-    """Windows of calibration text held out of the scores for ``auto`` to judge plans on."""
-    return max(4, samples // 8)
+    """Windows of calibration text held out of the scores for ``auto`` to judge plans on (a quarter as many as
+    the calibration windows, at least 8: the paired KL comparison wants a few dozen windows)."""
+    return max(8, samples // 4)
 
 
 def calibration_data(unit: UnitKind, processor, settings: CalibrationSettings,

@@ -41,6 +41,7 @@ class WriteOptions:
     progress: bool = True
     trust_remote_code: bool = False
     card: CardFacts = field(default_factory=CardFacts)
+    expected: tuple | None = field(default=None, repr=False)  # (probe, reference outputs) of the plan being written
 
 
 def streams(unit: UnitKind, plan: PrunePlan, options: WriteOptions) -> bool:
@@ -67,19 +68,31 @@ def write_config(folder: Path, unit: UnitKind, model, plan: PrunePlan, source: P
 
 
 def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: PrunePlan, scores: Scores,
-                     data: CalibrationBatches | None, options: WriteOptions) -> None:
+                     data: CalibrationBatches | None, options: WriteOptions, phase=None) -> None:
     """Write the whole output folder (weights, config, plan, scores, card, plot) into ``folder`` and verify it.
 
-    Streaming leaves ``model`` untouched; otherwise it is folded and sliced in place.
+    Streaming leaves ``model`` untouched; otherwise it is folded and sliced in place. ``phase(name)``, when given,
+    times the "write" and "verify" parts.
     """
+    import contextlib
+
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("write"):
+        _write(folder, unit, model, processor, plan, scores, data, options)
+    if options.verify:
+        with phase("verify"):
+            _verify(folder, unit, model, plan, options)
+
+
+def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    probe = reference_outputs = None
-    if options.verify:
+    if options.verify:  # on the original weights, before an in-memory write folds and slices them
         probe = unit.probe(model, data)
         with torch.no_grad(), reference(model, unit, plan.kept, plan.compensation):
-            reference_outputs = unit.outputs(model, probe)
+            options.expected = (probe, unit.outputs(model, probe))
     compute_dtype = next(model.parameters()).dtype
     compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
     source = options.source
@@ -111,11 +124,18 @@ def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: Prune
     (folder / "README.md").write_text(model_card(plan, options.card))
     plot_allocation(plan, folder / "allocation.png")
     unit.verify_saved(folder, plan, model.config)
-    if options.verify:
-        reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code)
-        exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
-        compare_outputs(unit.outputs(reloaded, probe), reference_outputs, exact, unit.exact_tolerance,
-                        "the masked original" + (" with its compensation" if compensation else ""))
+
+
+def _verify(folder, unit, model, plan, options) -> None:
+    """Reload the written checkpoint and compare its outputs on the probe with the reference's."""
+    import torch
+
+    probe, expected = options.expected
+    compute_dtype = next(model.parameters()).dtype
+    reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code)
+    exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
+    compare_outputs(unit.outputs(reloaded, probe), expected, exact, unit.exact_tolerance,
+                    "the masked original" + (" with its compensation" if plan.compensation else ""))
 
 
 def reload(folder: Path, unit: UnitKind, plan: PrunePlan, dtype, model, placement: dict | None,

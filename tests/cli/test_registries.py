@@ -40,7 +40,7 @@ def test_help_does_not_import_torch():
 def test_auto_candidates_follow_the_registry_facts():
     assert ALLOCATIONS.names(lambda r: r.auto_candidate) == ["tod", "uniform", "global"]
     assert REMOVAL_SIGNALS.names(lambda s: s.auto_candidate) == ["reap", "frequency", "ean", "wasserstein"]
-    assert COMPENSATIONS.names(lambda c: c.auto_candidate) == ["layer-scale"]
+    assert COMPENSATIONS.names(lambda c: c.auto_candidate) == ["layer-scale", "router-kd"]
     assert ALLOCATIONS.names(lambda r: r.supports_tolerance) == ["tod"]
 
 

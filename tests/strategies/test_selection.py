@@ -9,7 +9,6 @@ from conftest import CharTokenizer, build_model, tiny_qwen2_moe_config
 from fair_moe import Budget, compute_scores, prune_model
 from fair_moe.calibration.text import CalibrationSource, make_calibration_split
 from fair_moe.core.errors import FairMoeError
-from fair_moe.metrics import mean_loss
 from fair_moe.strategies.selection import select_plan
 from fair_moe.units import UNIT_KINDS
 from fair_moe.units.experts.routing import masked_experts
@@ -45,20 +44,54 @@ def model_and_scores():
     return model, scores
 
 
-def test_auto_keeps_the_lowest_loss_candidate(model_and_scores):
+def test_auto_records_every_candidate_and_follows_its_rule(model_and_scores):
     model, scores = model_and_scores
     plan = select_plan(model, EXPERTS, scores, Budget(0.5), progress=False).plan
-    candidates = plan.settings["candidates"]
-    assert {(c["allocation"], c["removal"]) for c in candidates} == {
+    rows = plan.settings["candidates"]
+    assert {(c["allocation"], c["removal"]) for c in rows} == {
         (a, r) for a in ("tod", "uniform", "global") for r in ("reap", "frequency", "ean", "wasserstein")}
-    best = min(c["loss"] for c in candidates)
+    default = next(c for c in rows if (c["allocation"], c["removal"]) == ("uniform", "ean"))
+    assert default["gain_vs_default"] == 0.0
+    finalists = [c for c in rows if not c["screened_out"]]
+    clear = [c for c in finalists if c["gain_vs_default"] > 2 * c["gain_se"]]
+    chosen = plan.settings["selected"]
+    if clear:
+        best = min(clear, key=lambda c: c["kl_mean"])
+        assert (chosen["allocation"], chosen["removal"]) == (best["allocation"], best["removal"])
+    else:
+        assert (chosen["allocation"], chosen["removal"]) == ("uniform", "ean")
+    assert plan.removed_total == 3 * 6 and plan.settings["allocation"] == "auto"
+    selection = plan.settings["selection"]
+    assert selection["windows"] == len(scores.selection_ids) and "standard errors" in selection["rule"]
+    assert math.isfinite(selection["dense_loss"])
+
+
+def test_the_chosen_plans_kl_is_its_masked_models(model_and_scores):
+    from fair_moe.metrics import DenseReference
+
+    model, scores = model_and_scores
+    plan = select_plan(model, EXPERTS, scores, Budget(0.5), progress=False).plan
+    judge = DenseReference(model, scores.selection_ids)
     with masked_experts(model, plan.kept):
-        assert mean_loss(model, scores.selection_ids) == pytest.approx(best, rel=1e-9)
-    assert plan.removed_total == 3 * 6
-    assert plan.settings["allocation"] == "auto"
-    assert (plan.settings["selected"]["allocation"], plan.settings["selected"]["removal"]) in {
-        (c["allocation"], c["removal"]) for c in candidates if c["loss"] == best}
-    assert math.isfinite(plan.settings["selection"]["dense_loss"])
+        assert judge.window_kl(model).mean().item() == pytest.approx(plan.settings["selected"]["kl_mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("gain,se,switches", [(0.010, 0.006, False), (0.010, 0.004, True), (-0.02, 0.001, False)])
+def test_a_rival_replaces_the_default_only_by_a_clear_margin(gain, se, switches):
+    from fair_moe.strategies.selection import clear_winner
+
+    rows = [{"kl_mean": 0.30, "gain_vs_default": 0.0, "gain_se": 0.0},
+            {"kl_mean": 0.30 - gain, "gain_vs_default": gain, "gain_se": se}]
+    assert clear_winner(rows, 0) == (1 if switches else 0)
+
+
+def test_a_noisy_lower_mean_does_not_hide_a_clear_winner():
+    from fair_moe.strategies.selection import clear_winner
+
+    rows = [{"kl_mean": 0.30, "gain_vs_default": 0.0, "gain_se": 0.0},
+            {"kl_mean": 0.25, "gain_vs_default": 0.05, "gain_se": 0.04},   # lowest mean, but within noise
+            {"kl_mean": 0.28, "gain_vs_default": 0.02, "gain_se": 0.005}]  # clearly better
+    assert clear_winner(rows, 0) == 2
 
 
 def test_auto_without_selection_text_is_refused(model_and_scores):
@@ -97,23 +130,36 @@ def test_fit_windows_come_from_every_source(model_and_scores):
     assert torch.equal(subset[0], first) and torch.equal(subset[-1], last)  # both ends: both sources
 
 
-@pytest.mark.parametrize("with_loss,kept", [(1.0, False), (3.0, True)])
-def test_compensate_auto_keeps_a_compensation_only_when_it_lowers_the_held_out_loss(model_and_scores, monkeypatch,
-                                                                                    with_loss, kept):
-    """Made-up held-out losses: 2.0 without the scales, 3.0 (worse) or 1.0 (better) with them."""
+@pytest.mark.parametrize("gains,chosen", [
+    ({"layer-scale": (0.02, 0.005), "router-kd": (0.05, 0.01)}, "router-kd"),  # both clear: the lower KL
+    ({"layer-scale": (0.02, 0.005), "router-kd": (0.05, 0.04)}, "layer-scale"),  # router-kd's gain is noise
+    ({"layer-scale": (0.004, 0.003), "router-kd": (-0.01, 0.002)}, "none"),  # nothing clearly better than none
+])
+def test_compensate_auto_keeps_a_compensation_only_when_it_clearly_beats_none(model_and_scores, monkeypatch, gains,
+                                                                              chosen):
+    """Made-up per-window KLs: none has 0.3 everywhere; a compensation's windows differ from it by a gain with a
+    given standard error (alternating ±, so the paired mean and error are exactly what the table says)."""
     from fair_moe.strategies import selection
     from fair_moe.strategies.planning import make_plan
 
     model, scores = model_and_scores
-    losses = {None: 2.0, "layer-scale": 4.0 - with_loss}  # with_loss 1 → 3.0 (worse), 3 → 1.0 (better)
-    monkeypatch.setattr(selection, "judged_loss",
-                        lambda model, unit, kept, record, ids, bs: losses[record.kind if record else None])
+    n = 16
+
+    def fake_kl(judge, model, unit, kept, record):
+        if record is None:
+            return torch.full((n,), 0.3, dtype=torch.float64)
+        gain, se = gains[record.kind]
+        spread = se * (n ** 0.5) * (n - 1) ** 0.5 / n ** 0.5  # sample std that gives standard error ``se``
+        return 0.3 - gain + spread * torch.tensor([(-1.0) ** i for i in range(n)], dtype=torch.float64)
+
+    monkeypatch.setattr(selection, "window_kl", fake_kl)
+    monkeypatch.setattr(selection, "DenseReference", lambda *a, **k: None)
     plan = make_plan(scores, Budget(0.5), "uniform", "ean")
-    plan = selection.decide_compensation(model, EXPERTS, plan, scores, "auto")
-    assert (plan.compensation is not None) == kept
-    if kept:
-        assert plan.compensation.kind == "layer-scale"
-        assert plan.compensation.fit["selection_loss_with"] == 1.0
-    else:
-        rejected = plan.settings["compensation_rejected"]
-        assert rejected["kind"] == "layer-scale" and rejected["selection_loss_with"] == 3.0
+    options = ("steps=1",)
+    plan = selection.decide_compensation(model, EXPERTS, plan, scores, "auto", options=options)
+    assert (plan.compensation.kind if plan.compensation else "none") == chosen
+    decision = plan.settings["compensation_decision"]
+    assert [c["compensation"] for c in decision["candidates"]] == ["none", "layer-scale", "router-kd"]
+    for row in decision["candidates"][1:]:
+        gain, se = gains[row["compensation"]]
+        assert row["gain_vs_default"] == pytest.approx(gain) and row["gain_se"] == pytest.approx(se, rel=0.05)

@@ -37,6 +37,7 @@ class RouterKD(Compensation):
     changes = ("each MoE layer's router rows for the kept experts (weight, and bias where the router has one) were "
                "replaced by rows trained so that the pruned model follows the dense model (router knowledge "
                "distillation); every other weight is the base model's")
+    auto_candidate = True
     options = {
         "objective": (str, "kl", "kl: end-to-end next-token KL; local: per-layer routed-output error"),
         "steps": (int, 60, "optimiser steps at most"),
@@ -44,6 +45,7 @@ class RouterKD(Compensation):
         "eval_every": (int, 5, "steps between held-out evaluations"),
         "patience": (int, 4, "held-out evaluations without improvement before stopping"),
         "max_tokens": (int, 16384, "tokens per layer kept for the local objective"),
+        "seq_len": (int, 256, "tokens per training window (calibration windows are cut into pieces this long)"),
     }
 
     def fit(self, model, kept, data):
@@ -53,7 +55,7 @@ class RouterKD(Compensation):
 
             raise FairMoeError(f"--compensate-option objective={options['objective']}: use kl or local")
         rows = RouterRows(model, kept)
-        windows = data.windows
+        windows = _pieces(data.windows, options["seq_len"])
         held = windows[::4] if len(windows) > 1 else windows
         train = windows[[i for i in range(len(windows)) if i % 4]] if len(windows) > 1 else windows
         train_fn = _train_kl if options["objective"] == "kl" else _train_local
@@ -97,6 +99,15 @@ class RouterKD(Compensation):
         return (f"router KD ({fit.get('objective')}): {fit.get('steps')} steps, held-out loss "
                 f"{fit.get('held_out_initial', float('nan')):.4g} → {fit.get('held_out_final', float('nan')):.4g}; "
                 f"router rows of layers {', '.join(str(k) for k in sorted(record.per_layer))} trained")
+
+
+def _pieces(windows, seq_len: int):
+    """Calibration windows [n, S] cut into pieces of ``seq_len`` tokens [n·S/seq_len, seq_len] (whole windows when
+    shorter): short pieces give more, cheaper optimiser steps over the same text."""
+    if seq_len <= 0 or windows.shape[1] <= seq_len:
+        return windows
+    usable = windows.shape[1] // seq_len * seq_len
+    return windows[:, :usable].reshape(-1, seq_len)
 
 
 class RouterRows:
