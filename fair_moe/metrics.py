@@ -34,12 +34,18 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: 
     """Summed next-token NLL and the number of scored tokens over ``ids [n]``.
 
     Windows of ``seq_len`` tokens advance by ``stride`` (default seq_len // 2); in each window only the
-    tokens not scored by an earlier window count, so every token after the first is scored exactly once.
+    tokens not scored by an earlier window count, so with ``stride < seq_len`` every token after the first is
+    scored exactly once. With ``stride == seq_len`` (non-overlapping windows) the first token of each window has
+    no context and is not scored.
     """
     stride = stride or max(1, seq_len // 2)
     device = execution_device(model)
     total, scored, prev_end = 0.0, 0, 1
-    starts = list(range(0, max(1, len(ids) - 1), stride))
+    starts = []  # every window start up to the first window that reaches the end (so the bar ends at 100 %)
+    for start in range(0, max(1, len(ids) - 1), stride):
+        starts.append(start)
+        if start + seq_len >= len(ids):
+            break
     for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
         end = min(start + seq_len, len(ids))
         window = ids[start:end].to(device)[None]
@@ -50,8 +56,6 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: 
         total += nll[new_from:].double().sum().item()
         scored += len(nll) - new_from
         prev_end = end
-        if end == len(ids):
-            break
     return total, scored
 
 

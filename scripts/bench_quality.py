@@ -1,13 +1,25 @@
-"""Held-out perplexity of dense vs. pruned models for every allocation × removal signal at several budgets.
+"""The quality battery: held-out perplexity of every fixed method, the paper's rule, the default and router KD,
+on several fixtures × two calibration regimes × five budgets.
 
-    python scripts/bench_quality.py --out bench_out/quality_demo.md     # demo model, budgets 0.125 … 0.625
-    python scripts/train_demo_model.py --arch olmoe --out bench_out/olmoe_demo --no-samples --steps 800
-    python scripts/bench_quality.py --model bench_out/olmoe_demo --out bench_out/quality_olmoe.md
+    python scripts/train_demo_model.py --fixture olmoe      # fixtures besides the shipped demo (≈ 30-40 min each)
+    python scripts/train_demo_model.py --fixture mixtral
+    python scripts/train_demo_model.py --fixture deepseek
+    python scripts/bench_quality.py --out bench_out/battery                  # everything (hours on 2 cores)
+    python scripts/bench_quality.py --fixtures demo --regimes sources --budgets 0.25,0.5 --out bench_out/dev
 
-One calibration pass (the bundled calibration sample, one class per domain) gives the scores every
-configuration is allocated from; every pruned model is evaluated through the exact masked forward
-(removed experts' router logits at -inf), which the test suite proves equal to the rewritten
-checkpoint. Held-out text (fair_moe/data/heldout/) never takes part in calibration.
+Fixtures: ``demo`` (the shipped qwen2_moe, 32 experts top-4 + a shared expert), ``olmoe`` (32 experts top-4, no
+shared expert), ``mixtral`` (8 experts top-2, renormalised), ``deepseek`` (32 experts top-4, sigmoid + selection
+bias, shared expert). Regimes: ``sources`` calibrates on one file per text domain (three classes); ``mixed`` on
+one file holding every document of the three, shuffled (one class: the "a C4 sample" situation, where the
+wasserstein signal is not available). Every model is evaluated through the exact masked forward (removed experts'
+router logits at -inf, the compensation applied), which the test suite proves equal to the written checkpoint, on
+held-out documents that neither training nor calibration saw (non-overlapping 512-token windows, all domains).
+
+Per cell: dense; every allocation (uniform, global, tod) × removal signal (reap, frequency, ean, wasserstein when
+available), without compensation and with the layer scale; the paper's rule (tod + wasserstein + Taylor, no
+compensation; tod + ean where there is one class); the default command (no method flags); and router KD on the
+default's plan fallback uniform+ean. Results are appended to OUT/cells.jsonl as they come (a rerun skips finished
+cells); OUT/battery.md is the summary table, with the worst case and the mean at 0.5 of default ÷ best baseline.
 """
 
 from __future__ import annotations
@@ -15,177 +27,182 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fair_moe import Budget, apply_plan, compute_scores, reference, save_pruned  # noqa: E402
-from fair_moe.calibration import BUNDLED_HELDOUT_DIR, DEMO_MODEL_DIR  # noqa: E402
-from fair_moe.calibration.text import bundled_sources, sources_from_files, token_stream  # noqa: E402
+from fair_moe.calibration.text import sources_from_files, token_stream  # noqa: E402
+from fair_moe.core.budget import Budget  # noqa: E402
 from fair_moe.metrics import stream_nll  # noqa: E402
+from fair_moe.strategies import COMPENSATIONS  # noqa: E402
+from fair_moe.strategies.compensations import FitData  # noqa: E402
 from fair_moe.strategies.planning import make_plan  # noqa: E402
-from fair_moe.strategies.selection import decide_compensation, select_plan  # noqa: E402
+from fair_moe.strategies.selection import decide_compensation, reference, select_plan  # noqa: E402
 from fair_moe.units import UNIT_KINDS  # noqa: E402
+from fair_moe.workflow.scoring import score  # noqa: E402
 
 EXPERTS = UNIT_KINDS.get("experts")
-
-# (allocation, removal, compensation); baselines are the uniform and global rows.
-CONFIGS = [
-    ("uniform", "reap", "none"),
-    ("uniform", "frequency", "none"),
-    ("uniform", "ean", "none"),
-    ("uniform", "wasserstein", "none"),
-    ("uniform", "random", "none"),
-    ("global", "reap", "none"),
-    ("global", "frequency", "none"),
-    ("global", "ean", "none"),
-    ("global", "wasserstein", "none"),
-    ("tod", "reap", "none"),
-    ("tod", "frequency", "none"),
-    ("tod", "ean", "none"),
-    ("tod", "wasserstein", "none"),
-    ("tod", "reap", "layer-scale"),
-    ("uniform", "ean", "layer-scale"),
-    ("uniform", "ean", "router-temperature"),
-    ("tod", "wasserstein", "router-temperature"),
-    ("uniform", "ean", "merge"),
-    ("tod", "wasserstein", "merge"),
-    ("auto", "-", "none"),
-    ("auto", "-", "auto"),  # the default command
-]
-BASELINES = {"uniform", "global"}
+FIXTURES = {
+    "demo": (ROOT / "fair_moe" / "data" / "demo_model", ROOT / "fair_moe" / "data"),
+    **{name: (ROOT / "bench_out" / "fixtures" / name / "model", ROOT / "bench_out" / "fixtures" / name)
+       for name in ("olmoe", "mixtral", "deepseek")},
+}
+ALLOCATIONS = ("uniform", "global", "tod")
+SIGNALS = ("reap", "frequency", "ean", "wasserstein")
+BASELINE_ALLOCATIONS = ("uniform", "global")
+# Which cells the defaults were developed on (looked at while choosing them); every other cell only checks them.
+DEVELOPMENT_CELLS = {("demo", "sources"), ("olmoe", "sources")}
 
 
-def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
-    """Per-domain and overall perplexity over non-overlapping windows of seq_len tokens."""
-    result, total_nll, total_n = {}, 0.0, 0
-    for name, ids in streams.items():
-        nll, n = stream_nll(model, ids, seq_len, stride=seq_len)
-        result[name] = math.exp(nll / n)
-        total_nll, total_n = total_nll + nll, total_n + n
-    result["overall"] = math.exp(total_nll / total_n)
+def heldout_perplexity(model, streams: dict[str, torch.Tensor], seq_len: int = 512) -> float:
+    """Perplexity over every held-out domain together (non-overlapping windows of ``seq_len`` tokens)."""
+    nll = n = 0
+    for ids in streams.values():
+        a, b = stream_nll(model, ids, seq_len, stride=seq_len)
+        nll, n = nll + a, n + b
+    return math.exp(nll / n)
+
+
+def mixed_file(calib_dir: Path, out: Path, seed: int = 0) -> Path:
+    """Every calibration document of every domain in one file, shuffled (documents are split on blank lines)."""
+    docs = [d for f in sorted(calib_dir.glob("*.txt")) for d in f.read_text().split("\n\n") if d.strip()]
+    random.Random(seed).shuffle(docs)
+    out.write_text("\n\n".join(docs))
+    return out
+
+
+def evaluate(model, plan, streams) -> float:
+    with reference(model, EXPERTS, plan.kept, plan.compensation):
+        return heldout_perplexity(model, streams)
+
+
+def run_cell(model, tokenizer, scores, streams, budget: float, dense: float) -> dict:
+    """Every method at one budget; {"method": perplexity} plus what the default chose."""
+    target = Budget(budget)
+    fit_ids = scores.calibration_subset(64)
+    result: dict = {"dense": dense}
+    for allocation in ALLOCATIONS:
+        for signal in SIGNALS:
+            if signal not in scores.removal:
+                continue
+            plan = make_plan(scores, target, allocation, signal)
+            result[f"{allocation}+{signal}"] = evaluate(model, plan, streams)
+            plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(fit_ids))
+            result[f"{allocation}+{signal}+layer-scale"] = evaluate(model, plan, streams)
+    paper_signal = "wasserstein" if "wasserstein" in scores.removal else "ean"
+    result["paper"] = result[f"tod+{paper_signal}"]
+    result["paper_method"] = f"tod+{paper_signal}"
+    start = time.perf_counter()
+    selection = select_plan(model, EXPERTS, scores, target, "auto", progress=False)
+    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
+    result["default_seconds"] = time.perf_counter() - start
+    result["default"] = evaluate(model, plan, streams)
+    chosen = plan.settings["selected"]
+    result["default_method"] = (f"{chosen['allocation']}+{chosen['removal']}"
+                                + (f"+{plan.compensation.kind}" if plan.compensation else ""))
+    kd_plan = make_plan(scores, target, "uniform", "ean")
+    kd_plan.compensation = COMPENSATIONS.get("router-kd").fit(model, kd_plan.kept, FitData(fit_ids))
+    result["uniform+ean+router-kd"] = evaluate(model, kd_plan, streams)
+    baselines = {k: v for k, v in result.items() if isinstance(v, float) and k.split("+")[0] in BASELINE_ALLOCATIONS
+                 and k.count("+") == 1}
+    fixed = {k: v for k, v in result.items() if isinstance(v, float) and k.split("+")[0] in ALLOCATIONS}
+    result["best_baseline_method"] = min(baselines, key=baselines.get)
+    result["best_baseline"] = baselines[result["best_baseline_method"]]
+    result["best_fixed_method"] = min(fixed, key=fixed.get)
+    result["best_fixed"] = fixed[result["best_fixed_method"]]
     return result
 
 
-def harness_metrics(model_dir: str, tasks: list[str], include_path: Path | None, limit: float | None) -> dict:
-    """lm-eval metrics of a checkpoint folder through fair_moe.eval (the same code users run)."""
-    from fair_moe.workflow.evaluate import EvalSettings, evaluate, resolve_tasks
-
-    args = EvalSettings(model=model_dir, output_json=Path("unused.json"), device="cpu", dtype="float32",
-                        batch_size="8", limit=limit)
-    return evaluate(model_dir, tasks, resolve_tasks(tasks, include_path), args)
-
-
-def write_pruned(model, plan, folder: Path, tokenizer) -> None:
-    import copy
-
-    save_pruned(apply_plan(copy.deepcopy(model), plan), folder, tokenizer, plan)
+def summary(cells: list[dict]) -> str:
+    lines = ["| fixture | regime | budget | dense | best baseline | paper | default | router-kd (uniform+ean) | "
+             "default ÷ best baseline | best fixed (incl. compensated) | default ÷ best fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        dev = " (dev)" if (c["fixture"], c["regime"]) in DEVELOPMENT_CELLS else ""
+        lines.append(
+            f"| {c['fixture']}{dev} | {c['regime']} | {c['budget']} | {c['dense']:.2f} | "
+            f"{c['best_baseline']:.2f} ({c['best_baseline_method']}) | {c['paper']:.2f} ({c['paper_method']}) | "
+            f"**{c['default']:.2f}** ({c['default_method']}) | {c['uniform+ean+router-kd']:.2f} | "
+            f"{c['default'] / c['best_baseline']:.3f} | {c['best_fixed']:.2f} ({c['best_fixed_method']}) | "
+            f"{c['default'] / c['best_fixed']:.3f} |")
+    ratios = [c["default"] / c["best_baseline"] for c in cells]
+    held_out = [c["default"] / c["best_baseline"] for c in cells
+                if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+    at_half = [c["default"] / c["best_baseline"] for c in cells if c["budget"] == 0.5]
+    lines += [
+        "",
+        f"cells: {len(cells)}; worst default ÷ best baseline: {max(ratios):.3f} "
+        f"(mean {sum(ratios) / len(ratios):.3f}); "
+        + (f"on cells not used for development: worst {max(held_out):.3f}, mean {sum(held_out) / len(held_out):.3f}; "
+           if held_out else "")
+        + (f"at budget 0.5: mean {sum(at_half) / len(at_half):.3f} (a {100 * (1 - sum(at_half) / len(at_half)):.1f} % "
+           "lower perplexity than the best baseline)" if at_half else ""),
+        f"worst default ÷ best fixed configuration (compensated ones included): "
+        f"{max(c['default'] / c['best_fixed'] for c in cells):.3f}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEMO_MODEL_DIR))
-    p.add_argument("--calib-file", type=Path, action="append", default=[], help="default: the bundled sample")
-    p.add_argument("--heldout-dir", type=Path, default=BUNDLED_HELDOUT_DIR)
+    p.add_argument("--fixtures", default="demo,olmoe,mixtral,deepseek")
+    p.add_argument("--regimes", default="sources,mixed")
     p.add_argument("--budgets", default="0.125,0.25,0.375,0.5,0.625")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="write the markdown table here (and .json beside it)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two benchmarks share 2 cores)")
-    p.add_argument("--only-auto", action="store_true", help="only the auto rows (the default command and auto alone)")
-    p.add_argument("--only-compensation", help="only the rows with this compensation (e.g. router-temperature)")
-    p.add_argument("--eval-tasks", help="also score every configuration with these lm-eval tasks through fair_moe.eval "
-                   "(e.g. fair_moe_heldout_mc with --include-path eval/tasks); adds recovery columns")
-    p.add_argument("--include-path", type=Path, default=ROOT / "eval" / "tasks")
-    p.add_argument("--eval-limit", type=float)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=True).eval()
-    sources = sources_from_files(args.calib_file) if args.calib_file else bundled_sources()
-    scores = compute_scores(model, tokenizer, sources, args.samples, args.seq_len, batch_size=8, seed=args.seed,
-                            progress=False)
-    streams = {f.stem: token_stream(tokenizer, [f.read_text()]) for f in sorted(args.heldout_dir.glob("*.txt"))}
-    budgets = [float(b) for b in args.budgets.split(",")]
-
-    rows = [("dense", "-", None, heldout_perplexity(model, streams, args.seq_len))]
-    tasks = [t for t in (args.eval_tasks or "").split(",") if t]
-    if tasks:
-        dense_metrics = harness_metrics(args.model, tasks, args.include_path, args.eval_limit)
-        rows[0][3].update({k: 1.0 for k in dense_metrics})
-    for budget in budgets:
-        selected = [c for c in CONFIGS if (c[0] == "auto" or not args.only_auto)
-                    and (args.only_compensation is None or c[2] == args.only_compensation)]
-        for allocation, removal, comp in selected:
-            if removal not in scores.removal and removal != "-":
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "cells.jsonl"
+    done = {(c["fixture"], c["regime"], c["budget"]) for c in map(json.loads, log.read_text().splitlines())} \
+        if log.is_file() else set()
+    for fixture in args.fixtures.split(","):
+        model_dir, data_dir = FIXTURES[fixture]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        streams = {f.stem: token_stream(tokenizer, [f.read_text()])
+                   for f in sorted((data_dir / "heldout").glob("*.txt"))}
+        dense = heldout_perplexity(model, streams)
+        for regime in args.regimes.split(","):
+            budgets = [float(b) for b in args.budgets.split(",") if (fixture, regime, float(b)) not in done]
+            if not budgets:
                 continue
-            settled = False
-            if allocation == "auto":
-                selection = select_plan(model, EXPERTS, scores, Budget(budget), comp, progress=False)
-                plan, settled = selection.plan, selection.compensation_settled
-            else:
-                plan = make_plan(scores, Budget(budget), allocation, removal)
-            if not settled:
-                plan = decide_compensation(model, EXPERTS, plan, scores, comp, 4)
-            with reference(model, plan):  # what the rewritten checkpoint equals
-                ppl = heldout_perplexity(model, streams, args.seq_len)
-            suffix = f" +{plan.compensation.kind}" if plan.compensation else ""
-            if allocation == "auto":
-                chosen = plan.settings["selected"]
-                name = f"auto → {chosen['allocation']}+{chosen['removal']}" + suffix
-            else:
-                name = f"{allocation}+{removal}" + suffix
-            if allocation == "auto" and comp == "auto":
-                name = "**default** " + name
-            elif allocation == "auto":
-                name += " (no compensation)"
-            if args.eval_tasks:
-                import tempfile
+            files = sorted((data_dir / "calib").glob("*.txt")) if regime == "sources" else \
+                [mixed_file(data_dir / "calib", args.out / f"{fixture}_mixed.txt", args.seed)]
+            from fair_moe.calibration.text import text_batches
+            from fair_moe.workflow.scoring import selection_windows
 
-                with tempfile.TemporaryDirectory() as tmp:
-                    write_pruned(model, plan, Path(tmp), tokenizer)
-                    metrics = harness_metrics(tmp, tasks, args.include_path, args.eval_limit)
-                ppl.update({k: v / dense_metrics[k] for k, v in metrics.items() if dense_metrics.get(k)})
-            rows.append((name, budget, plan, ppl))
-            print(f"{budget:5.3f} {name:40s} overall {ppl['overall']:8.3f}  kept {list(plan.kept_counts.values())}",
-                  flush=True)
-
-    domains = [*streams, "overall"] + [k for k in rows[0][3] if "/" in k]
-    lines = [
-        f"Model `{Path(args.model).name}`, calibration {scores.meta['calibration']['samples']} × {args.seq_len} tokens "
-        f"({', '.join(s.name for s in sources)}), held-out perplexity (lower is better); {time.time() - t0:.0f} s.",
-        "",
-        "| budget | method | " + " | ".join(domains) + " | kept per layer |",
-        "|---|---|" + "---|" * len(domains) + "---|",
-    ]
-    best_baseline = {}
-    for name, budget, plan, ppl in rows:
-        if plan is not None and name.split("+")[0] in BASELINES and "random" not in name and name.count("+") == 1:
-            best_baseline[budget] = min(best_baseline.get(budget, math.inf), ppl["overall"])
-    for name, budget, plan, ppl in rows:
-        kept = "-" if plan is None else " ".join(str(v) for v in plan.kept_counts.values())
-        baseline = name.split("+")[0] in BASELINES and "random" not in name and name.count("+") == 1
-        mark = (" (best baseline)" if baseline and plan is not None and ppl["overall"] == best_baseline.get(budget)
-                else "")
-        lines.append(f"| {budget} | {name}{mark} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | {kept} |")
-    table = "\n".join(lines)
+            data = text_batches(tokenizer, sources_from_files(files), args.samples, args.seq_len, 8, args.seed,
+                                selection_windows(args.samples))
+            scores = score(model, EXPERTS, data, args.seed, progress=False)
+            for budget in budgets:
+                start = time.perf_counter()
+                cell = {"fixture": fixture, "regime": regime, "budget": budget,
+                        **run_cell(model, tokenizer, scores, streams, budget, dense)}
+                cell["seconds"] = time.perf_counter() - start
+                with log.open("a") as f:
+                    f.write(json.dumps(cell) + "\n")
+                print(f"{fixture:8s} {regime:7s} {budget:5.3f} dense {dense:.2f} best baseline "
+                      f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) default {cell['default']:.2f} "
+                      f"({cell['default_method']}) kd {cell['uniform+ean+router-kd']:.2f} [{cell['seconds']:.0f} s]",
+                      flush=True)
+    cells = [json.loads(line) for line in log.read_text().splitlines()]
+    order = {name: i for i, name in enumerate(FIXTURES)}
+    cells.sort(key=lambda c: (order[c["fixture"]], c["regime"], c["budget"]))
+    table = summary(cells)
+    (args.out / "battery.md").write_text(table + "\n")
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(
-            [{"method": n, "budget": b, "perplexity": ppl, "kept": None if pl is None else pl.kept_counts,
-              "alpha": None if pl is None else pl.alpha} for n, b, pl, ppl in rows], indent=1))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Build the offline lm-eval task in eval/tasks/fair_moe_heldout/ from the bundled held-out text.
+"""Build the offline lm-eval task in fair_moe/data/eval_tasks/fair_moe_heldout/ from the bundled held-out text.
 
     python scripts/build_eval_tasks.py
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from fair_moe.calibration import BUNDLED_HELDOUT_DIR  # noqa: E402
 
-OUT = ROOT / "eval" / "tasks" / "fair_moe_heldout" / "heldout_mc.jsonl"
+OUT = ROOT / "fair_moe" / "data" / "eval_tasks" / "fair_moe_heldout" / "heldout_mc.jsonl"
 CONTEXT_CHARS, CONTINUATION_CHARS, ITEMS_PER_DOMAIN = 300, 60, 80
 
 

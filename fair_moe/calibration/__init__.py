@@ -17,6 +17,16 @@ BUNDLED_CALIB_DIR = DATA_DIR / "calib"
 BUNDLED_HELDOUT_DIR = DATA_DIR / "heldout"
 DEMO_MODEL_DIR = DATA_DIR / "demo_model"
 VISION_DEMO_DIR = DATA_DIR / "vision_demo"
+VISION_DEMO_IMAGES = DATA_DIR / "vision_demo_images"  # the digits calibration split, one folder per class
+EVAL_TASKS_DIR = DATA_DIR / "eval_tasks"  # offline lm-eval tasks (fair_moe_heldout_mc)
+CONFIGS_DIR = DATA_DIR / "configs"  # eval suites (configs/eval/*.yaml), bare model configs (configs/models/*.json)
+# Names that stand for what fair_moe ships, so that the README's commands run from an installed package.
+ALIASES = {"demo": DEMO_MODEL_DIR, "demo-vision": VISION_DEMO_DIR, "demo-digits": VISION_DEMO_IMAGES}
+
+
+def resolve_alias(name):
+    """``demo`` / ``demo-vision`` / ``demo-digits`` → the shipped folder; anything else unchanged."""
+    return str(ALIASES[name]) if isinstance(name, str) and name in ALIASES else name
 
 
 @dataclass

@@ -1,10 +1,8 @@
 """Evaluate a (pruned) model with lm-evaluation-harness and perplexity, optionally against its base.
 
-    python -m fair_moe.eval --model demo_out --base fair_moe/data/demo_model \\
-        --tasks fair_moe_heldout_mc --include-path eval/tasks \\
+    fair-moe-eval --model demo_out --base demo --tasks fair_moe_heldout_mc --trust-remote-code \\
         --ppl-file fair_moe/data/heldout/python.txt --output-json results.json
-    python -m fair_moe.eval --model out --base Qwen/Qwen1.5-MoE-A2.7B-Chat --config configs/eval/standard.yaml \\
-        --output-json results.json
+    fair-moe-eval --model out --base Qwen/Qwen1.5-MoE-A2.7B-Chat --config standard --output-json results.json
 
 Both models go through the same code with the same settings. With --base, a recovery table (pruned ÷
 base per metric; base ÷ pruned for perplexity, so that 1.0 is full recovery and lower is worse) is
@@ -24,10 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fair-moe-eval", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="pruned checkpoint folder or Hub id")
-    p.add_argument("--base", help="the model it was pruned from, evaluated identically (its results are cached)")
+    p.add_argument("--base", help="the model it was pruned from, evaluated identically (its results are cached); "
+                   "demo names the shipped demo model")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
-    p.add_argument("--config", type=Path, help="YAML with tasks / num_fewshot / recovery_threshold (configs/eval/)")
-    p.add_argument("--include-path", type=Path, help="folder of extra lm-eval task YAMLs (e.g. eval/tasks)")
+    p.add_argument("--config", type=Path, help="YAML with tasks / num_fewshot / recovery_threshold, or a shipped "
+                   "suite's name (standard: the 8-task zero-shot suite)")
+    p.add_argument("--include-path", type=Path, help="folder of extra lm-eval task YAMLs (fair_moe's offline "
+                   "fair_moe_heldout_mc is always included)")
     p.add_argument("--ppl-file", type=Path, action="append", default=[], help="local text for perplexity (repeatable)")
     p.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--limit", type=float, help="examples per task (lm-eval --limit)")

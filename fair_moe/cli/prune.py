@@ -44,15 +44,22 @@ def _choices(registry, auto: str | None = None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fair-moe-prune", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", help="local checkpoint folder or Hub id")
+    p.add_argument("--model", help="local checkpoint folder or Hub id; demo / demo-vision name the shipped demo "
+                   "models")
     p.add_argument("--out", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--list-models", action="store_true", help="print the supported model types and exit")
+    p.add_argument("--recipe", type=Path, help="a YAML file of settings (keys are these flags' names, e.g. budget: "
+                   "0.25, calib_file: [a.txt, b.txt]); flags given here override it. Every output folder holds "
+                   "the fair_moe_recipe.yaml that reproduces it")
+    p.add_argument("--plan", type=Path, help="apply a saved fair_moe_plan.json (or the folder holding it) as it "
+                   "is: no calibration and no choosing; its compensation is applied as recorded")
 
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-file", type=Path, action="append", default=[],
                    help=".txt or .jsonl; repeatable, one class each")
     c.add_argument("--calib-images", type=Path,
-                   help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons)")
+                   help="vision transformers: image folder with one sub-folder per class (prunes MLP neurons); "
+                        "demo-digits names the shipped digits")
     c.add_argument("--units", choices=UNIT_KINDS.names(),
                    help="what to prune: " + _choices(UNIT_KINDS) + " (default: experts; neurons with --calib-images)")
     c.add_argument("--calib-dataset", action="append", default=[], metavar="SPEC",
@@ -130,16 +137,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NOT_IN_RECIPE = {"recipe", "list_models", "overwrite", "quiet", "dry_run", "push_to_hub", "private", "help"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over the settings of ``--recipe`` (when given) over the defaults."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.recipe is not None:
+        parser.set_defaults(**recipe_defaults(parser, known.recipe))
+    return parser.parse_args(argv)
+
+
+def recipe_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """The settings of a recipe file as parser defaults (each converted like the flag's own value)."""
+    import yaml
+
+    from fair_moe.core.errors import FairMoeError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise FairMoeError(f"cannot read --recipe {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise FairMoeError(f"--recipe {path} must be a mapping of setting: value")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_IN_RECIPE}
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise FairMoeError(f"--recipe {path}: {key!r} is not a setting (settings: {', '.join(sorted(actions))})")
+        action = actions[dest]
+        many = isinstance(action, argparse._AppendAction)
+        values = value if isinstance(value, list) else [value]
+        if action.type is not None:
+            values = [action.type(str(v)) for v in values]
+        defaults[dest] = values if many else values[0]
+    return defaults
+
+
+def recipe_of(args: argparse.Namespace) -> dict:
+    """The settings that reproduce a run: every setting that differs from its default, and the model."""
+    fresh = build_parser()
+    result = {}
+    for action in fresh._actions:
+        if not action.option_strings or action.dest in NOT_IN_RECIPE:
+            continue
+        value = getattr(args, action.dest)
+        if value != action.default or action.dest in ("model", "budget"):
+            result[action.dest] = [str(v) for v in value] if isinstance(value, list) else (
+                str(value) if isinstance(value, Path) else value)
+    return result
+
+
 def settings_from_args(args: argparse.Namespace) -> PruneSettings:
     """The one place an argparse namespace becomes typed settings."""
+    from fair_moe.calibration import resolve_alias
+
     units = args.units or ("neurons" if args.calib_images is not None else "experts")
+    images = Path(resolve_alias(str(args.calib_images))) if args.calib_images is not None else None
     return PruneSettings(
-        model=args.model,
-        budgets=Budget.parse(args.budget, args.tolerance),
+        model=resolve_alias(args.model),
+        budgets=() if args.plan is not None and args.budget is None and args.tolerance is None
+        else Budget.parse(args.budget, args.tolerance),
         calibration=CalibrationSettings(
             files=tuple(args.calib_file), datasets=tuple(args.calib_dataset),
             dataset_configs=tuple(args.calib_config.split(",")) if args.calib_config else (None,),
-            split=args.calib_split, text_field=args.text_field, images=args.calib_images, samples=args.samples,
+            split=args.calib_split, text_field=args.text_field, images=images, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed),
         method=MethodSettings(units=units, allocation=args.allocation, removal=args.removal,
                               protection=args.protection, compensation=args.compensate, min_keep=args.min_keep,
@@ -150,13 +214,19 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
                                 progress=not args.quiet),
         output=OutputSettings(out=args.out, overwrite=args.overwrite, verify=not args.no_verify,
                               stream=not args.no_stream, dry_run=args.dry_run, ppl_files=tuple(args.ppl_file),
-                              push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model),
+                              push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model,
+                              recipe=recipe_of(args)),
         scores=args.scores,
+        plan=args.plan,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parsed: dict = {}
+    status = run_command(lambda: parsed.update(args=parse_args(argv)))  # a bad --recipe is one error line too
+    if status:
+        return status
+    args = parsed["args"]
     if args.list_models:
         from fair_moe.adapters import supported_model_types
 

@@ -56,22 +56,33 @@ class RecoveryBelowThreshold(FairMoeError):
 
 
 def load_eval_config(path: Path | None) -> dict:
+    """A suite file, or the name of one fair_moe ships (``standard``: the 8-task zero-shot suite)."""
     if path is None:
         return {}
     import yaml
 
-    if not path.is_file():
-        raise FairMoeError(f"--config {path} does not exist")
-    return yaml.safe_load(path.read_text()) or {}
+    from fair_moe.calibration import CONFIGS_DIR
+
+    shipped = CONFIGS_DIR / "eval" / f"{Path(path).stem}.yaml"
+    if not Path(path).is_file() and shipped.is_file():
+        path = shipped
+    if not Path(path).is_file():
+        names = ", ".join(p.stem for p in sorted((CONFIGS_DIR / "eval").glob("*.yaml")))
+        raise FairMoeError(f"--config {path} does not exist (shipped suites: {names})")
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 def resolve_tasks(names: list[str], include_path: Path | None):
-    """A TaskManager that knows every name, or a FairMoeError naming the unknown ones."""
+    """A TaskManager that knows every name (lm-eval's, fair_moe's shipped offline tasks, and ``include_path``'s),
+    or a FairMoeError naming the unknown ones."""
     from lm_eval.tasks import TaskManager
+
+    from fair_moe.calibration import EVAL_TASKS_DIR
 
     if include_path is not None and not include_path.is_dir():
         raise FairMoeError(f"--include-path {include_path} is not a folder")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    paths = [str(EVAL_TASKS_DIR)] + ([str(include_path)] if include_path else [])
+    manager = TaskManager(include_path=paths)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise FairMoeError(
@@ -273,6 +284,9 @@ def recovery_markdown(pruned: dict, base: dict, rec: dict, threshold: float | No
 
 def run_eval(args: EvalSettings) -> dict:
     """Evaluate, write the results JSON (+ .md recovery table, + lm-eval's own results), check the threshold."""
+    from fair_moe.calibration import resolve_alias
+
+    args.model, args.base = resolve_alias(args.model), resolve_alias(args.base)
     config = load_eval_config(args.config)
     tasks = [t for t in (args.tasks or ",".join(config.get("tasks", []))).split(",") if t]
     if args.num_fewshot is None:

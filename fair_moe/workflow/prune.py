@@ -68,6 +68,7 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
     unit.check_config(config)
     layout = unit.layout(config)
     check_budgets(layout, settings.budgets, method.min_keep)
+    saved_plan = load_saved_plan(settings.plan, unit, config, layout) if settings.plan else None
     console.line(unit.summary_line(config, layout))
     for budget in settings.budgets:
         console.line(budget_line(unit, layout, budget, method.allocation_for(unit)))
@@ -82,13 +83,29 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
             f"--model {settings.model} is a bare config: it has no weights to prune; use it with --dry-run"
         )
     with OutputClaim(output.out, output.overwrite) as claim:
-        return _prune_into(claim, settings, unit, config, console)
+        return _prune_into(claim, settings, unit, config, console, saved_plan)
 
 
-def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, config, console: Console) -> PruneResult:
+def load_saved_plan(path: Path, unit: UnitKind, config, layout: UnitLayout) -> PrunePlan:
+    """A fair_moe_plan.json (and any learned tensors beside it) that must fit this model's layers and widths."""
+    plan = PrunePlan.load(path)
+    if plan.unit != unit.name or plan.model_type != config.model_type or plan.width != layout.width \
+            or sorted(plan.kept) != sorted(layout.layers):
+        raise FairMoeError(f"--plan {path} was made for another model ({plan.model_type}, {plan.width} {plan.unit} "
+                           f"in layers {sorted(plan.kept)}): this one has {layout.width} {unit.noun} in layers "
+                           f"{list(layout.layers)}")
+    return plan
+
+
+def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, config, console: Console,
+                saved_plan: PrunePlan | None = None) -> PruneResult:
     """Everything after the checks, with ``--out`` claimed: load → score → plan → compensate → write → verify."""
     runtime, output, method = settings.runtime, settings.output, settings.method
     scores = Scores.load(settings.scores) if settings.scores else None
+    if saved_plan is not None and scores is None:
+        beside = Path(settings.plan).parent / "fair_moe_scores.safetensors" if Path(settings.plan).is_file() \
+            else Path(settings.plan) / "fair_moe_scores.safetensors"
+        scores = Scores.load(beside) if beside.is_file() else None
     if scores is not None:
         check_scores_fit(scores, unit, config, path=settings.scores)
     placement = runtime.placement()
@@ -104,7 +121,7 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
     with result.phase("load"):
         processor = load_processor(str(folder), unit.processor_class, runtime.trust_remote_code)
         sources = None
-        if scores is None and unit.data == "text":  # read (and checked) before the weights are loaded
+        if scores is None and saved_plan is None and unit.data == "text":  # read before the weights are loaded
             sources = text_sources(settings.calibration, processor, settings.model)
             if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
                 raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
@@ -112,15 +129,18 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
         model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
     data = None
     with result.phase("calibrate"):
-        if scores is None or unit.data == "images":  # vision probes need the images even with saved scores
+        if (scores is None and saved_plan is None) or unit.data == "images":  # vision probes need the images
             data = calibration_data(unit, processor, settings.calibration, sources)
-        if scores is None:
+        if scores is None and saved_plan is None:
             scores = score(model, unit, data, settings.calibration.seed, runtime.layerwise or bool(placement),
                            runtime.progress)
-        else:
+        elif scores is not None:
             check_scores_fit(scores, unit, config, model, settings.scores)
 
-    plans = [plan_for(model, unit, scores, budget, settings, result) for budget in settings.budgets]
+    if saved_plan is not None:
+        plans = [saved_plan]
+    else:
+        plans = [plan_for(model, unit, scores, budget, settings, result) for budget in settings.budgets]
     result.plans = plans
     for plan in plans:
         console.plan(plan)
@@ -151,6 +171,13 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
                 write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options,
                                  result.phase)
             result.folders = [output.out / budget.label for budget in settings.budgets]
+        if output.recipe:
+            import yaml
+
+            for folder in ([claim.staging] if len(plans) == 1 else [claim.staging / b.label for b in settings.budgets]):
+                (folder / "fair_moe_recipe.yaml").write_text(
+                    "# the settings that reproduce this checkpoint: fair-moe-prune --recipe fair_moe_recipe.yaml\n"
+                    + yaml.safe_dump(output.recipe, sort_keys=True))
         claim.commit()
     if ppl_ids:
         report_perplexity(result, unit, ppl_ids, settings, dtype, device, console)

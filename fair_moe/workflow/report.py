@@ -146,7 +146,7 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
     allocation, removal = chosen_method(plan)
     layers = list(plan.kept_counts)
     kept = [plan.kept_counts[i] for i in layers]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.8))
     ax.bar(range(len(layers)), kept, color="#4c72b0", label=f"{allocation} + {removal}")
     ax.axhline(sum(kept) / len(kept), color="#dd8452", linestyle="--", label="uniform at the same budget")
     ax.axhline(plan.width, color="grey", linewidth=0.8, label=f"original ({plan.width})")
@@ -157,8 +157,19 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
     if plan.alpha is not None:
         title += f", α* = {plan.alpha:.3f}"
     ax.set_title(title, fontsize=9)
-    ax.set_ylim(0, plan.width * 1.35)
-    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    ax.set_ylim(0, plan.width * 1.05)
+    handles, labels = ax.get_legend_handles_labels()
+    factors = plan.compensation.per_layer if plan.compensation else {}
+    if factors and all(isinstance(v, (int, float)) for v in factors.values()):  # layer scales, temperatures
+        twin = ax.twinx()
+        twin.plot(range(len(layers)), [float(factors.get(i, 1.0)) for i in layers], "D", color="#55a868",
+                  label=plan.compensation.kind)
+        twin.set_ylabel(plan.compensation.kind, fontsize=7)
+        twin.tick_params(labelsize=7)
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    # below the axes: it never covers a bar or a marker
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -169,6 +169,7 @@ class OutputSettings:
     push_to_hub: str | None = None
     private: bool = False
     base_model: str | None = None  # the Hub id a local --model folder holds, for the card's base_model
+    recipe: dict | None = None  # the command-line settings that reproduce the run, written as fair_moe_recipe.yaml
 
     def validate(self, multi_budget: bool) -> None:
         from fair_moe.checkpoint.atomic import check_output_dir
@@ -196,6 +197,7 @@ class PruneSettings:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     scores: Path | None = None
+    plan: Path | None = None  # a saved fair_moe_plan.json to apply as it is (no calibration, no choosing)
 
     def check_source_untouched(self) -> None:
         """Nothing fair_moe writes (--out, every OUT/budget-B inside it, --offload-folder) may be the source
@@ -214,8 +216,13 @@ class PruneSettings:
         """Every check that needs no model; returns the unit kind."""
         if not self.model:
             raise FairMoeError("--model is required (a checkpoint folder or Hub id)")
-        if not self.budgets:
-            raise FairMoeError("pass --budget FRACTION (e.g. 0.25) or --tolerance ALPHA")
+        if self.plan is not None:
+            if self.budgets:
+                raise FairMoeError("--plan fixes what is removed: drop --budget / --tolerance")
+            if not Path(self.plan).exists():
+                raise FairMoeError(f"--plan {self.plan} does not exist: pass the fair_moe_plan.json of an earlier run")
+        elif not self.budgets:
+            raise FairMoeError("pass --budget FRACTION (e.g. 0.25) or --tolerance ALPHA (or --plan PLAN.json)")
         unit = self.method.validate(self.budgets)
         if unit.data == "images" and self.calibration.images is None:
             raise FairMoeError(f"--units {unit.name} calibrates on images: pass --calib-images DIR")
@@ -225,7 +232,7 @@ class PruneSettings:
             raise FairMoeError("the vision path takes one --budget at a time")
         self.check_source_untouched()  # first: the message must say it is the source, not merely "not empty"
         self.output.validate(multi_budget=len(self.budgets) > 1)
-        if not self.output.dry_run:
+        if not self.output.dry_run and self.plan is None:
             if self.scores is None:
                 self.calibration.validate()
                 removal = self.method.removal_for(unit)
@@ -233,5 +240,6 @@ class PruneSettings:
                 if unit.data == "text" and removal == "wasserstein" and classes is not None and classes < 2:
                     raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass "
                                        "--calib-file twice or several comma-separated --calib-config values")
+        if not self.output.dry_run:
             self.runtime.validate()
         return unit

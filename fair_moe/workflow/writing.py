@@ -120,7 +120,8 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
         copy_side_files(source, folder, remote_code=bool(getattr(model.config, "auto_map", None))
                         and plan.is_uniform)
     plan.save(folder)
-    scores.save(folder / SCORES_FILE)
+    if scores is not None:  # a plan applied with --plan may come without its scores
+        scores.save(folder / SCORES_FILE)
     (folder / "README.md").write_text(model_card(plan, options.card))
     plot_allocation(plan, folder / "allocation.png")
     unit.verify_saved(folder, plan, model.config)

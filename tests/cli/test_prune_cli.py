@@ -206,7 +206,7 @@ def test_several_budgets_from_one_scores_file(pruned_tod, tiny_checkpoint, tmp_p
 def test_dry_run_on_a_bare_real_config(capsys):
     from pathlib import Path
 
-    config = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen1.5-moe-a2.7b.json"
+    config = Path(__file__).resolve().parents[2] / "fair_moe" / "data" / "configs" / "models" / "qwen1.5-moe-a2.7b.json"
     assert run_cli("--model", config, "--budget", "0.25", "--dry-run") == 0
     out = capsys.readouterr().out
     assert "24 MoE layers" in out and "60 routed experts per layer" in out
@@ -409,3 +409,48 @@ def test_quiet_prints_only_the_final_path(tiny_checkpoint, pruned_tod, tmp_path,
     captured = capsys.readouterr()
     assert captured.out.strip() == f"wrote {out}"
     assert captured.err.strip() == ""  # no progress bars, no loading notices
+
+
+def test_a_recipe_reproduces_a_run_and_flags_override_it(tiny_checkpoint, calib_files, tmp_path):
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    first = tmp_path / "first"
+    assert run_cli("--model", tiny_checkpoint, "--out", first, "--budget", "0.5", "--allocation", "tod",
+                   "--compensate", "none", *calib, *FAST) == 0
+    recipe = first / "fair_moe_recipe.yaml"
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    assert data["allocation"] == "tod" and data["budget"] == "0.5" and data["samples"] == 4
+    assert "quiet" not in data and "overwrite" not in data
+    again = tmp_path / "again"
+    assert run_cli("--recipe", recipe, "--out", again, "--quiet") == 0
+    assert PrunePlan.load(again).kept == PrunePlan.load(first).kept  # same seed, same plan
+    other = tmp_path / "other"
+    assert run_cli("--recipe", recipe, "--out", other, "--allocation", "uniform", "--quiet") == 0
+    assert PrunePlan.load(other).settings["allocation"] == "uniform"  # the flag wins over the recipe
+
+
+def test_a_bad_recipe_key_is_refused(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("budgett: 0.5\n")
+    assert run_cli("--recipe", tmp_path / "r.yaml") == 2
+    assert "'budgett' is not a setting" in capsys.readouterr().err
+
+
+def test_a_saved_plan_is_applied_without_calibrating(tiny_checkpoint, pruned_tod, tmp_path, monkeypatch):
+    from fair_moe.core.plan import CompensationRecord
+
+    def no_calibration(*a, **k):
+        raise AssertionError("--plan must not calibrate")
+
+    monkeypatch.setattr(workflow_prune, "score", no_calibration)
+    plan = PrunePlan.load(pruned_tod)
+    plan.compensation = CompensationRecord("layer-scale", {i: 0.9 for i in plan.kept})
+    plan.save(tmp_path)
+    out = tmp_path / "applied"
+    assert run_cli("--model", tiny_checkpoint, "--plan", tmp_path / "fair_moe_plan.json", "--out", out,
+                   "--quiet") == 0  # verified against the masked original with the recorded scales
+    applied = PrunePlan.load(out)
+    assert applied.kept == plan.kept and applied.compensation.per_layer == {i: 0.9 for i in plan.kept}
+    other = tmp_path / "other"
+    small = write_checkpoint(tmp_path / "small", tiny_qwen2_moe_config(num_experts=8))
+    assert run_cli("--model", small, "--plan", tmp_path / "fair_moe_plan.json", "--out", other, "--quiet") == 2

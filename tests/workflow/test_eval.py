@@ -36,7 +36,7 @@ def test_recovery_is_pruned_over_base_and_inverted_for_perplexity():
 def test_eval_with_base_writes_metrics_and_recovery(pruned_demo, tmp_path):
     out = tmp_path / "results.json"
     rc = eval_main(["--model", str(pruned_demo), "--base", str(DEMO_MODEL_DIR), "--tasks", "fair_moe_heldout_mc",
-                    "--include-path", str(ROOT / "eval" / "tasks"), "--limit", "6",
+                    "--limit", "6",
                     "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"), "--ppl-seq-len", "256",
                     "--output-json", str(out), "--trust-remote-code", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
@@ -56,7 +56,7 @@ def test_eval_with_base_writes_metrics_and_recovery(pruned_demo, tmp_path):
     # Again against the same base: its results come from the cache; a threshold it misses exits 1.
     again = tmp_path / "again.json"
     rc = eval_main(["--model", str(pruned_demo), "--base", str(DEMO_MODEL_DIR), "--tasks", "fair_moe_heldout_mc",
-                    "--include-path", str(ROOT / "eval" / "tasks"), "--limit", "6",
+                    "--limit", "6",
                     "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"), "--ppl-seq-len", "256",
                     "--output-json", str(again), "--trust-remote-code", "--cache-dir", str(tmp_path / "cache"),
                     "--fail-under", "1.5"])
