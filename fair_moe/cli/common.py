@@ -49,7 +49,8 @@ def _interrupt(signum, frame) -> None:
     name = signal.Signals(signum).name
     sys.stdout.flush()
     # a progress bar may have left the cursor mid-line: the message starts a line of its own
-    print(f"\nerror: interrupted by {name}; nothing half-written was left behind", file=sys.stderr, flush=True)
+    print(f"\nerror: {_rank_prefix()}interrupted by {name}; nothing half-written was left behind", file=sys.stderr,
+          flush=True)
     os._exit(128 + signum)
 
 
@@ -81,6 +82,14 @@ def quiet_libraries(quiet: bool = True):
             enable_progress_bars()
 
 
+def _rank_prefix() -> str:
+    """``rank R of N: `` inside a torch.distributed launch, else nothing."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '?')} of {world}: " if world > 1 else ""
+
+
 def run_command(run: Callable[[], object]) -> int:
     """Run a command's body: 0 on success; a FairMoeError becomes one ``error:`` line on stderr and exit 2 (or the
     error's own ``exit_code``); SIGINT / SIGTERM clean up (nothing half-written stays) and exit 130 / 143 with one
@@ -99,8 +108,15 @@ def run_command(run: Callable[[], object]) -> int:
     try:
         run()
     except FairMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except Exception as err:
+        if not _rank_prefix():
+            raise  # a bug: its traceback is what a report needs
+        # one rank of a torch.distributed group: one line, then torchrun stops the others (they clean up)
+        print(f"error: {_rank_prefix()}{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+              file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

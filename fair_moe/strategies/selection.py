@@ -45,7 +45,7 @@ RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it, pa
         f"{Z:g} standard errors; then the one of those with the lowest mean KL")
 COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none, paired per window, by more than {Z:g} "
                      "standard errors; then the one of those with the lowest mean KL")
-COMPENSATION_FIT_WINDOWS = 64  # calibration windows a compensation is fitted on
+COMPENSATION_FIT_WINDOWS = 32  # calibration windows a compensation is fitted on
 
 
 @dataclass
@@ -122,7 +122,7 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
         raise FairMoeError(f"--allocation auto needs its default {'+'.join(DEFAULT_PLAN)} among the candidates")
     plans = [make_plan(scores, budget, a, r, protection, min_keep, base_model) for a, r in combos]
     default_index = combos.index(DEFAULT_PLAN)
-    screen, rest = judge.split(len(ids) // 4) if len(ids) >= 8 else (judge, None)
+    screen, rest = judge.split(max(4, len(ids) // 4)) if len(ids) >= 8 else (judge, None)
     seen: dict = {}
 
     def kl_on(part, plan):

@@ -82,8 +82,13 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
         raise FairMoeError(
             f"--model {settings.model} is a bare config: it has no weights to prune; use it with --dry-run"
         )
+    from fair_moe.workflow.distributed import from_environment
+
+    ranks = from_environment(runtime.device) if saved_plan is None and settings.scores is None else None
+    if ranks is not None and not ranks.main:  # calibrates its share; rank 0 alone claims --out and writes
+        return _prune_into(None, settings, unit, config, Console(quiet=True), None, ranks)
     with OutputClaim(output.out, output.overwrite) as claim:
-        return _prune_into(claim, settings, unit, config, console, saved_plan)
+        return _prune_into(claim, settings, unit, config, console, saved_plan, ranks)
 
 
 def load_saved_plan(path: Path, unit: UnitKind, config, layout: UnitLayout) -> PrunePlan:
@@ -97,9 +102,10 @@ def load_saved_plan(path: Path, unit: UnitKind, config, layout: UnitLayout) -> P
     return plan
 
 
-def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, config, console: Console,
-                saved_plan: PrunePlan | None = None) -> PruneResult:
-    """Everything after the checks, with ``--out`` claimed: load → score → plan → compensate → write → verify."""
+def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKind, config, console: Console,
+                saved_plan: PrunePlan | None = None, ranks=None) -> PruneResult:
+    """Everything after the checks, with ``--out`` claimed: load → score → plan → compensate → write → verify.
+    A rank other than 0 of a torch.distributed group (``claim`` None) only calibrates its share."""
     runtime, output, method = settings.runtime, settings.output, settings.method
     scores = Scores.load(settings.scores) if settings.scores else None
     if saved_plan is not None and scores is None:
@@ -133,7 +139,9 @@ def _prune_into(claim: OutputClaim, settings: PruneSettings, unit: UnitKind, con
             data = calibration_data(unit, processor, settings.calibration, sources)
         if scores is None and saved_plan is None:
             scores = score(model, unit, data, settings.calibration.seed, runtime.layerwise or bool(placement),
-                           runtime.progress)
+                           runtime.progress and (ranks is None or ranks.main), ranks)
+            if scores is None:  # a rank other than 0: its share went to rank 0
+                return result
         elif scores is not None:
             check_scores_fit(scores, unit, config, model, settings.scores)
 

@@ -43,9 +43,9 @@ def is_demo_model(model: str) -> bool:
 
 
 def selection_windows(samples: int) -> int:
-    """Windows of calibration text held out of the scores for ``auto`` to judge plans on (a quarter as many as
-    the calibration windows, at least 8: the paired KL comparison wants a few dozen windows)."""
-    return max(8, samples // 4)
+    """Windows of calibration text held out of the scores for ``auto`` to judge plans on: an eighth as many as the
+    calibration windows, at least 8 (the paired KL comparison needs a dozen or so; more costs judging time)."""
+    return max(8, samples // 8)
 
 
 def calibration_data(unit: UnitKind, processor, settings: CalibrationSettings,
@@ -63,9 +63,22 @@ def calibration_data(unit: UnitKind, processor, settings: CalibrationSettings,
 
 
 def score(model, unit: UnitKind, data: CalibrationBatches, seed: int = 0, layerwise: bool = False,
-          progress: bool = True) -> Scores:
-    """One calibration pass; every removal signal the pass allows and the Taylor protection."""
-    stats = unit.collect(model, data, seed, layerwise, progress)
+          progress: bool = True, ranks=None) -> Scores | None:
+    """One calibration pass; every removal signal the pass allows and the Taylor protection.
+
+    With ``ranks`` (a torch.distributed group) this process runs its share of the batches and rank 0 gets the
+    merged statistics; the other ranks get None."""
+    if ranks is not None:
+        from dataclasses import replace
+
+        from fair_moe.workflow.distributed import gather_statistics
+
+        stats = unit.collect(model, replace(data, batches=ranks.share(data.batches)), seed, layerwise, progress)
+        stats = gather_statistics(stats, ranks)
+        if stats is None:
+            return None
+    else:
+        stats = unit.collect(model, data, seed, layerwise, progress)
     removal, protection = compute_signals(stats)
     meta = {
         "model_type": model.config.model_type,

@@ -12,11 +12,12 @@ checkpoint keeps the stock architecture and differs from the masked original onl
   inputs (captured once from the pruned model, at most ``max_tokens`` tokens per layer), so only one layer
   trains at a time and offloaded weights are brought in per layer.
 
-Every fourth fit window is held out for early stopping: the rows with the lowest held-out loss are kept, and
-training stops after ``patience`` evaluations without improvement. Adam's step is ``lr`` × the RMS of the
-layer's router weight, so one setting suits routers of any scale. The plan records the objective, steps,
-learning rate and initial / final losses; the rows are saved in ``fair_moe_compensation.safetensors``. With
-``steps=0`` the rows are the original ones and the checkpoint equals ``--compensate none``.
+A few training pieces (``held_out``, spread over the fit windows) are held out for early stopping: the rows with
+the lowest held-out loss are kept, and training stops after ``patience`` evaluations without improvement. Adam's
+step is ``lr`` × the RMS of the layer's router weight, so one setting suits routers of any scale. The plan records
+the objective, steps, learning rate and initial / final losses; the rows are saved in
+``fair_moe_compensation.safetensors``. With ``steps=0`` the rows are the original ones and the checkpoint equals
+``--compensate none``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class RouterKD(Compensation):
     auto_candidate = True
     options = {
         "objective": (str, "kl", "kl: end-to-end next-token KL; local: per-layer routed-output error"),
-        "steps": (int, 60, "optimiser steps at most"),
-        "lr": (float, 0.02, "Adam step relative to the RMS of the layer's router weight"),
-        "eval_every": (int, 5, "steps between held-out evaluations"),
-        "patience": (int, 4, "held-out evaluations without improvement before stopping"),
+        "steps": (int, 30, "optimiser steps at most"),
+        "lr": (float, 0.04, "Adam step relative to the RMS of the layer's router weight"),
+        "eval_every": (int, 10, "steps between held-out evaluations"),
+        "patience": (int, 2, "held-out evaluations without improvement before stopping"),
+        "held_out": (int, 8, "training pieces held out for early stopping"),
         "max_tokens": (int, 16384, "tokens per layer kept for the local objective"),
         "seq_len": (int, 256, "tokens per training window (calibration windows are cut into pieces this long)"),
     }
@@ -56,8 +58,10 @@ class RouterKD(Compensation):
             raise FairMoeError(f"--compensate-option objective={options['objective']}: use kl or local")
         rows = RouterRows(model, kept)
         windows = _pieces(data.windows, options["seq_len"])
-        held = windows[::4] if len(windows) > 1 else windows
-        train = windows[[i for i in range(len(windows)) if i % 4]] if len(windows) > 1 else windows
+        step = max(2, len(windows) // max(1, options["held_out"]))  # the held-out pieces spread over every window
+        held = windows[::step][: options["held_out"]] if len(windows) > 1 else windows
+        train = windows[[i for i in range(len(windows)) if i % step or i // step >= options["held_out"]]] \
+            if len(windows) > 1 else windows
         train_fn = _train_kl if options["objective"] == "kl" else _train_local
         history = train_fn(model, rows, train, held, data.batch_size, data.seed, {**options,
                                                                                 "progress": data.progress})

@@ -21,5 +21,10 @@ class Wasserstein(RemovalSignal):
     requires = ("class_samples",)
     paper = True
 
+    def computable(self, stats) -> bool:
+        """Two or more classes, each with data (a class whose windows all went elsewhere has no distribution)."""
+        tokens = getattr(stats.class_samples, "class_tokens", None)
+        return super().computable(stats) and (tokens is None or all(tokens))
+
     def compute(self, stats):
         return torch.stack([max_pairwise_wasserstein(stats.class_samples(row)) for row in range(stats.shape[0])])

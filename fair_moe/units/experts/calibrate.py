@@ -77,6 +77,30 @@ class LayerAccumulator:
         return samples
 
 
+class RoutedClassValues:
+    """Per layer and class, the routed (expert ids, g·‖f‖) pairs, and the tokens each class had: the per-class
+    distributions of every expert's per-token value, built densely one layer at a time when asked for."""
+
+    def __init__(self, accumulators: list[LayerAccumulator], class_tokens: list[int]):
+        self.accumulators = accumulators
+        self.class_tokens = list(class_tokens)
+
+    def __call__(self, row: int) -> list[torch.Tensor]:
+        return self.accumulators[row].class_samples(self.class_tokens)
+
+    def merged(self, others: list[RoutedClassValues]) -> RoutedClassValues:
+        """Pooled with the values of the same layers from other passes (another share of the batches)."""
+        pooled = []
+        for row, acc in enumerate(self.accumulators):
+            merged = LayerAccumulator(acc.count.shape[0], len(acc.class_values))
+            for source in [acc, *[o.accumulators[row] for o in others]]:
+                for klass, chunks in enumerate(source.class_values):
+                    merged.class_values[klass].extend(chunks)
+            pooled.append(merged)
+        tokens = [sum(t) for t in zip(self.class_tokens, *[o.class_tokens for o in others], strict=True)]
+        return RoutedClassValues(pooled, tokens)
+
+
 class SignalCollector:
     """Collects per-expert sums over calibration batches for the given MoE layers.
 
@@ -123,7 +147,6 @@ class SignalCollector:
     def statistics(self, seed: int, tokens: int) -> SignalStatistics:
         """The sums as [L, E] tensors; class samples are built per layer on demand."""
         rows = [layer.index for layer in self.layers]
-        has_classes = self.num_classes >= 2 and all(self.class_tokens)
         return SignalStatistics(
             layer_indices=rows,
             taylor=torch.stack([a.taylor for a in self.acc]),
@@ -133,7 +156,7 @@ class SignalCollector:
             count=torch.stack([a.count for a in self.acc]),
             output_norm=torch.stack([a.output_norm for a in self.acc]),
             gated_norm=torch.stack([a.gated_norm for a in self.acc]),
-            class_samples=(lambda row: self.acc[row].class_samples(self.class_tokens)) if has_classes else None,
+            class_samples=RoutedClassValues(self.acc, self.class_tokens) if self.num_classes >= 2 else None,
         )
 
 

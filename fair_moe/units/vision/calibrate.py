@@ -19,6 +19,20 @@ from fair_moe.units.autograd import activation_gradients_only
 from fair_moe.units.vision.modules import MLPLayer, attention_modules, encoder, mlp_layers
 
 
+class ImageClassValues:
+    """Per layer and class, every image's per-unit values ([images, U] chunks)."""
+
+    def __init__(self, activations: list[list[list[torch.Tensor]]]):
+        self.activations = activations
+
+    def __call__(self, row: int) -> list[torch.Tensor]:
+        return [torch.cat(chunks) for chunks in self.activations[row] if chunks]
+
+    def merged(self, others: list[ImageClassValues]) -> ImageClassValues:
+        return ImageClassValues([[sum((o.activations[row][k] for o in others), list(chunks))
+                                  for k, chunks in enumerate(layer)] for row, layer in enumerate(self.activations)])
+
+
 class UnitRecorder:
     """Per layer: one value per image and unit, kept by class ([images, U] chunks), and the signed Taylor
     sums [U]. What a unit is (an MLP neuron, an attention head) is decided by the hooks that feed it."""
@@ -52,7 +66,7 @@ class UnitRecorder:
             num_classes=len(self.activations[0]),
             seed=seed,
             tokens=images,
-            class_samples=lambda row: [torch.cat(c) for c in self.activations[row] if c],
+            class_samples=ImageClassValues(self.activations),
         )
 
 
