@@ -35,7 +35,9 @@ class CheckpointKey:
 
     ``part`` is ``router`` (rows are experts) or ``experts``; ``name`` the tensor's name within the part
     (``weight``, ``e_score_correction_bias``, ``down_proj.weight``, ``gate_up_proj`` …); ``expert`` the
-    expert id of a per-expert key, None for a fused tensor whose first axis is the expert axis.
+    expert id of a per-expert key, None for a fused tensor whose first axis is the expert axis. In a quantized
+    checkpoint ``name`` is the weight the tensor encodes and ``role`` what the tensor is to it (payload, scale,
+    exponent, auxiliary; ``fair_moe.checkpoint.quantized``); ``role`` is None for a plain tensor.
     """
 
     key: str
@@ -45,6 +47,7 @@ class CheckpointKey:
     expert: int | None = None
     prefix: str = ""
     suffix: str = ""
+    role: str | None = None
 
     def renumbered(self, new_id: int) -> str:
         """This per-expert key with the expert id replaced."""

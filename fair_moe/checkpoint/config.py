@@ -16,8 +16,11 @@ def config_changes(before: dict, after: dict) -> dict:
     return {key: value for key, value in after.items() if key not in before or before[key] != value}
 
 
-def write_patched_config(source_dir: Path, folder: Path, changes: dict) -> None:
-    """``folder/config.json`` = the source's config.json with ``changes`` set (its other fields untouched)."""
+def write_patched_config(source_dir: Path, folder: Path, changes: dict, drop: tuple[str, ...] = ()) -> None:
+    """``folder/config.json`` = the source's config.json with ``changes`` set and the ``drop`` fields removed (its
+    other fields untouched)."""
     data = json.loads((Path(source_dir) / "config.json").read_text())
     data.update(json.loads(json.dumps(changes, default=str)))
+    for name in drop:
+        data.pop(name, None)
     (Path(folder) / "config.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -101,17 +101,21 @@ def parse_max_memory(text: str | None) -> dict | None:
 
 
 def load_model(name: str, auto_class: str, dtype, device, placement: dict | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, quantized=None):
     """The model through ``transformers.<auto_class>``, in eval mode, on ``device`` unless ``placement`` (accelerate
-    ``device_map`` / ``max_memory`` / ``offload_folder``) places it."""
+    ``device_map`` / ``max_memory`` / ``offload_folder``) places it. A quantized checkpoint (``quantized``, a
+    ``QuantizedSource``) is dequantised to ``dtype`` while loading, whatever kernels the machine has."""
+    import contextlib
+
     import transformers
     from safetensors import SafetensorError
 
-    with warnings.catch_warnings():
+    extra = quantized.load_kwargs() if quantized is not None else {}
+    with warnings.catch_warnings(), (quantized.loading() if quantized is not None else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         try:
             model = getattr(transformers, auto_class).from_pretrained(
-                name, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}))
+                name, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}), **extra)
         except (OSError, ValueError) as err:
             raise FairMoeError(f"cannot load the weights of --model {name}: {str(err).splitlines()[0]}") from err
         except SafetensorError as err:

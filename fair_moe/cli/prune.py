@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stream", action="store_true",
                    help="slice the loaded model and save_pretrained it instead of streaming a local checkpoint's "
                         "safetensors shard by shard")
+    s.add_argument("--dequantize", action="store_true",
+                   help="for a quantized checkpoint (FP8, MXFP4, compressed-tensors): write the pruned model "
+                        "dequantised, in the config's dtype, instead of in the source's format (needed for "
+                        "compensations the format cannot hold exactly, e.g. merge, or layer-scale into MXFP4)")
 
     h = p.add_argument_group("share")
     h.add_argument("--push-to-hub", metavar="REPO_ID",
@@ -213,7 +217,8 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
                                 layerwise=args.layerwise, trust_remote_code=args.trust_remote_code,
                                 progress=not args.quiet),
         output=OutputSettings(out=args.out, overwrite=args.overwrite, verify=not args.no_verify,
-                              stream=not args.no_stream, dry_run=args.dry_run, ppl_files=tuple(args.ppl_file),
+                              stream=not args.no_stream, dequantize=args.dequantize, dry_run=args.dry_run,
+                              ppl_files=tuple(args.ppl_file),
                               push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model,
                               recipe=recipe_of(args)),
         scores=args.scores,

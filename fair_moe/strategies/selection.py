@@ -168,10 +168,12 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
 
 def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, kind: str,
                         batch_size: int = 4, seed: int = 0, options: tuple[str, ...] = (),
-                        progress: bool = False, judge: DenseReference | None = None) -> PrunePlan:
+                        progress: bool = False, judge: DenseReference | None = None,
+                        writable: frozenset[str] | None = None) -> PrunePlan:
     """Fit the chosen compensation on calibration windows and record it in the plan (the weights are untouched
-    until writing). ``auto`` fits every auto candidate and keeps one only when it beats none clearly on the
-    judging windows (``COMPENSATION_RULE``), which no fit ever sees; the decision is recorded in the plan."""
+    until writing). ``auto`` fits every auto candidate whose kind of change the output format can hold
+    (``writable``, e.g. router-only changes for MXFP4; None = any) and keeps one only when it beats none clearly on
+    the judging windows (``COMPENSATION_RULE``), which no fit ever sees; the decision is recorded in the plan."""
     if kind == "none" or not unit.takes_compensation:
         return plan
     ids = scores.calibration_subset(COMPENSATION_FIT_WINDOWS)
@@ -190,13 +192,17 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
     if held is None or len(held) == 0:
         return plan
     judge = judge if judge is not None else DenseReference(model, held, batch_size)
-    records = [None] + [fit(c) for c in COMPENSATIONS if c.auto_candidate]
+    candidates = [c for c in COMPENSATIONS if c.auto_candidate]
+    left_out = {c.name: f"changes {c.writes}, which the output's quantized format cannot hold exactly"
+                for c in candidates if writable is not None and c.writes not in writable}
+    records = [None] + [fit(c) for c in candidates if c.name not in left_out]
     kls = [window_kl(judge, model, unit, plan.kept, record) for record in records]
     rows = [{"compensation": record.kind if record else "none", **_summary(kl, kls[0])}
             for record, kl in zip(records, kls, strict=True)]
     chosen = clear_winner(rows, 0)
     plan.compensation = records[chosen]
-    decision = {"criterion": CRITERION, "rule": COMPENSATION_RULE, "candidates": rows}
+    decision = {"criterion": CRITERION, "rule": COMPENSATION_RULE, "candidates": rows,
+                **({"not_considered": left_out} if left_out else {})}
     selected = plan.settings.get("selected")
     plan.settings = {**plan.settings, "compensation_decision": decision,
                      **({"selected": {**selected, "compensation": rows[chosen]["compensation"]}} if selected else {})}

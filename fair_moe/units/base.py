@@ -103,9 +103,10 @@ class UnitKind(ABC):
                    for t in model.state_dict().values())
 
     def stream(self, model: nn.Module, plan: PrunePlan, source: Path, folder: Path, transform, save_dtype,
-               progress: bool, max_shard_bytes: int = 2 * 2**30) -> dict:
+               progress: bool, max_shard_bytes: int = 2 * 2**30, quantized=None) -> dict:
         """Rewrite a local checkpoint's weights shard by shard (kinds with ``streamable``); the writer adds the
-        config (``pruned_config``) and the side files."""
+        config (``pruned_config``) and the side files. ``quantized`` is the source's ``QuantFormat`` (None when
+        it is not quantized)."""
         raise NotImplementedError(f"{self.name} checkpoints are rewritten in memory")
 
     def pruned_config(self, model: nn.Module, plan: PrunePlan):

@@ -104,15 +104,25 @@ def save_pruned(model, folder: Path, processor=None, plan: PrunePlan | None = No
 def stream_pruned(model, plan: PrunePlan, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30,
                   progress: bool = False) -> dict:
     """Write the checkpoint of ``plan`` by streaming ``source`` (the model's local safetensors folder) shard by
-    shard through the plan and its compensation; ``model`` (loaded from ``source``) is only read."""
+    shard through the plan and its compensation; ``model`` (loaded from ``source``) is only read. A quantized source
+    (FP8, MXFP4, compressed-tensors) is written in its own format: load ``model`` dequantised, e.g. with
+    ``quantization_config=FineGrainedFP8Config(dequantize=True)``."""
+    from fair_moe.checkpoint.loading import load_config
+    from fair_moe.checkpoint.quantized import quantized_source
+
     unit = UNIT_KINDS.get(plan.unit)
     record = plan.compensation
     compensation = COMPENSATIONS.get(record.kind) if record else None
     if not unit.streamable or (compensation is not None and not compensation.streamable):
         raise FairMoeError(f"a plan of {plan.unit} with compensation {record.kind if record else 'none'} cannot be "
                            "streamed: use apply_plan and save_pruned")
+    quantized = quantized_source(load_config(str(source)))
+    if quantized is not None and compensation is not None and compensation.writes not in quantized.format.writable:
+        raise FairMoeError(f"compensation {record.kind} cannot be written exactly into {quantized.format.label} "
+                           "weights: use apply_plan and save_pruned on the dequantised model")
     transform = compensation.transform(model, record) if compensation else None
-    stats = unit.stream(model, plan, Path(source), Path(out), transform, None, progress, max_shard_bytes)
+    stats = unit.stream(model, plan, Path(source), Path(out), transform, None, progress, max_shard_bytes,
+                        quantized=quantized.format if quantized else None)
     write_config(Path(out), unit, model, plan, Path(source))
     return stats
 

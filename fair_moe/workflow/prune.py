@@ -66,6 +66,7 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
     runtime, output, method = settings.runtime, settings.output, settings.method
     config = load_config(settings.model, runtime.trust_remote_code)
     unit.check_config(config)
+    quantized = check_quantized(settings, unit, config)
     layout = unit.layout(config)
     check_budgets(layout, settings.budgets, method.min_keep)
     saved_plan = load_saved_plan(settings.plan, unit, config, layout) if settings.plan else None
@@ -77,6 +78,11 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
         for line in unit.describe(config, layout, settings.budgets, checkpoint_dtype(config), batch_tokens,
                                   runtime.trust_remote_code):
             console.line(line)
+        if quantized is not None:
+            console.line(f"the checkpoint is quantized ({quantized.describe()}): the sizes above are of dequantised "
+                         f"{str(checkpoint_dtype(config)).removeprefix('torch.')} weights, "
+                         + ("which --dequantize writes" if output.dequantize
+                            else "the pruned checkpoint keeps the source's smaller format"))
         return PruneResult()
     if settings.model.endswith(".json"):
         raise FairMoeError(
@@ -86,9 +92,45 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
 
     ranks = from_environment(runtime.device) if saved_plan is None and settings.scores is None else None
     if ranks is not None and not ranks.main:  # calibrates its share; rank 0 alone claims --out and writes
-        return _prune_into(None, settings, unit, config, Console(quiet=True), None, ranks)
+        return _prune_into(None, settings, unit, config, Console(quiet=True), None, ranks, quantized)
     with OutputClaim(output.out, output.overwrite) as claim:
-        return _prune_into(claim, settings, unit, config, console, saved_plan, ranks)
+        return _prune_into(claim, settings, unit, config, console, saved_plan, ranks, quantized)
+
+
+def check_quantized(settings: PruneSettings, unit: UnitKind, config):
+    """The quantized source (a ``QuantizedSource``, None when the checkpoint is not quantized), after refusing what
+    cannot be written in its format: an in-memory rewrite, or a compensation the format cannot hold exactly."""
+    from fair_moe.checkpoint.quantized import quantized_source
+
+    quantized = quantized_source(config)
+    output, method = settings.output, settings.method
+    if quantized is None:
+        if output.dequantize:
+            raise FairMoeError(f"--dequantize: --model {settings.model} is not quantized (its config has no "
+                               "quantization_config); drop the flag")
+        return None
+    if output.dequantize:
+        if settings.runtime.device_map:
+            raise FairMoeError("--dequantize writes the dequantised model from memory, which --device-map cannot "
+                               "offload: drop --device-map, or drop --dequantize to keep the source's format")
+        return quantized
+    what = quantized.format.label
+    if not unit.streamable:
+        raise FairMoeError(f"--units {unit.name} rewrites weights in memory, which cannot keep the {what} format: "
+                           "pass --dequantize")
+    if not output.stream:
+        raise FairMoeError(f"--no-stream would save the dequantised model under the source's {what} "
+                           "quantization_config: drop --no-stream to keep the format, or pass --dequantize")
+    if method.compensation not in ("auto", "none"):
+        from fair_moe.strategies import COMPENSATIONS
+
+        compensation = COMPENSATIONS.get(method.compensation)
+        if compensation.writes not in quantized.format.writable or not compensation.streamable:
+            raise FairMoeError(f"--compensate {compensation.name} changes {compensation.writes}, which cannot be "
+                               f"written exactly into {what} weights: pass --dequantize, or choose --compensate "
+                               f"none or one that changes only "
+                               f"{' / '.join(sorted(quantized.format.writable))}")
+    return quantized
 
 
 def load_saved_plan(path: Path, unit: UnitKind, config, layout: UnitLayout) -> PrunePlan:
@@ -103,7 +145,7 @@ def load_saved_plan(path: Path, unit: UnitKind, config, layout: UnitLayout) -> P
 
 
 def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKind, config, console: Console,
-                saved_plan: PrunePlan | None = None, ranks=None) -> PruneResult:
+                saved_plan: PrunePlan | None = None, ranks=None, quantized=None) -> PruneResult:
     """Everything after the checks, with ``--out`` claimed: load → score → plan → compensate → write → verify.
     A rank other than 0 of a torch.distributed group (``claim`` None) only calibrates its share."""
     runtime, output, method = settings.runtime, settings.output, settings.method
@@ -117,6 +159,13 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
     placement = runtime.placement()
     folder = local_checkpoint(settings.model, runtime.trust_remote_code)  # Hub ids: their snapshot
     source = streamable_source(str(folder))
+    keep_format = quantized is not None and not output.dequantize
+    if quantized is not None:
+        console.line(f"quantized checkpoint: {quantized.describe()}; calibrated on its dequantised weights, written "
+                     + ("in the same format" if keep_format else f"dequantised ({checkpoint_dtype(config)})"))
+        if keep_format and source is None:
+            raise FairMoeError(f"--model {settings.model} has no local safetensors to rewrite in the "
+                               f"{quantized.format.label} format: pass --dequantize")
     if placement and (source is None or not output.stream):
         raise FairMoeError("--device-map needs the streamed rewrite: pass a safetensors checkpoint (a folder or a "
                            "Hub id) as --model and drop --no-stream")
@@ -132,7 +181,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
             if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
                 raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
                                    "twice or several --calib-dataset specs")
-        model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+        model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code,
+                           quantized)
     data = None
     with result.phase("calibrate"):
         if (scores is None and saved_plan is None) or unit.data == "images":  # vision probes need the images
@@ -148,7 +198,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
     if saved_plan is not None:
         plans = [saved_plan]
     else:
-        plans = [plan_for(model, unit, scores, budget, settings, result) for budget in settings.budgets]
+        writable = quantized.format.writable if keep_format else None
+        plans = [plan_for(model, unit, scores, budget, settings, result, writable) for budget in settings.budgets]
     result.plans = plans
     for plan in plans:
         console.plan(plan)
@@ -160,10 +211,25 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
         result.perplexity["dense"] = [perplexity(model, ids, seq_len, progress=runtime.progress) for ids in ppl_ids]
 
     save_dtype = checkpoint_dtype(config)
-    check_free_space(claim, [unit.output_bytes(model, plan, save_dtype) for plan in plans])
-    options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream, verify=output.verify,
-                           placement=placement or None, progress=runtime.progress,
-                           trust_remote_code=runtime.trust_remote_code, card=card_facts(settings, folder))
+    weight_bytes = [unit.output_bytes(model, plan, save_dtype) for plan in plans]
+    if keep_format:  # the estimate is for dequantised weights; the source's files say how much smaller they are
+        from fair_moe.checkpoint.stream import weight_files
+
+        dense = UnitKind.output_bytes(unit, model, None, save_dtype)  # the base class: the unpruned size
+        ratio = sum(p.stat().st_size for p in weight_files(source)) / dense
+        weight_bytes = [int(b * ratio) for b in weight_bytes]
+    check_free_space(claim, weight_bytes)
+    facts = card_facts(settings, folder)
+    if quantized is not None:
+        for plan in plans:
+            plan.settings = {**plan.settings, "source_quantization": quantized.describe(),
+                             "written": "in the source's quantized format" if keep_format
+                             else f"dequantised to {str(save_dtype).removeprefix('torch.')}"}
+    options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream and not output.dequantize,
+                           verify=output.verify, placement=placement or None, progress=runtime.progress,
+                           trust_remote_code=runtime.trust_remote_code, card=facts,
+                           quantized=quantized if keep_format else None,
+                           drop_config_fields=("quantization_config",) if output.dequantize else ())
     with write_faults(claim):
         claim.staging.mkdir()
         if len(plans) == 1:
@@ -175,7 +241,7 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
                 # for every budget but the last, and slice fresh copies instead.
                 in_memory, last = not streams(unit, plan, options), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
-                    str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code)
+                    str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code, quantized)
                 write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options,
                                  result.phase)
             result.folders = [output.out / budget.label for budget in settings.budgets]
@@ -257,8 +323,9 @@ def budget_line(unit: UnitKind, layout: UnitLayout, budget: Budget, allocation: 
 
 
 def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings,
-             result: PruneResult | None = None) -> PrunePlan:
-    """One budget's plan: allocation (auto: selected on the model), then its compensation."""
+             result: PruneResult | None = None, writable: frozenset[str] | None = None) -> PrunePlan:
+    """One budget's plan: allocation (auto: selected on the model), then its compensation (auto: among those whose
+    change the output format can hold, ``writable``; None = any)."""
     method, batch_size = settings.method, settings.calibration.batch_size
     allocation = method.allocation_for(unit)
     result = result or PruneResult()
@@ -267,7 +334,7 @@ def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: Pr
     with result.phase("compensate"):
         return decide_compensation(model, unit, plan, scores, method.compensation, batch_size,
                                    settings.calibration.seed, method.compensation_options,
-                                   settings.runtime.progress, judge)
+                                   settings.runtime.progress, judge, writable)
 
 
 def _allocate(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings, allocation: str):

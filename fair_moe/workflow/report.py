@@ -98,6 +98,11 @@ def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
         "- compensation: " + (COMPENSATIONS.get(plan.compensation.kind).summary(plan.compensation)
                               if plan.compensation else "none"),
         "- calibration: " + ", ".join(f"{k} {v}" for k, v in calib.items()),
+        *([f"- weights: the base checkpoint is quantized ({s['source_quantization']}); calibrated on its dequantised "
+           f"weights; this checkpoint is written {s['written']}"
+           + (" (kept experts' quantized payloads are the source's bytes; a compensation changes scales or router "
+              "rows only)" if "source's" in s["written"] else "")]
+          if s.get("source_quantization") else []),
         f"- {unit.noun} kept per layer: {_counts_line(plan)}",
     ]
     body = [

@@ -164,6 +164,7 @@ class OutputSettings:
     overwrite: bool = False
     verify: bool = True
     stream: bool = True
+    dequantize: bool = False  # a quantized source is written dequantised instead of in its own format
     dry_run: bool = False
     ppl_files: tuple[Path, ...] = ()
     push_to_hub: str | None = None

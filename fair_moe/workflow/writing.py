@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 class WriteOptions:
     """How a checkpoint is written: the dtype weights are saved in; ``source``, the local checkpoint folder the
     model was loaded from (its config.json is patched, its tokenizer and licence files copied, and with
-    ``stream`` its weights are streamed); whether to verify, and the accelerate placement to reload with."""
+    ``stream`` its weights are streamed); whether to verify, and the accelerate placement to reload with. A quantized
+    source is either kept in its format (``quantized``: streamed, and reloaded through a dequantising load for the
+    check) or written dequantised from memory (``drop_config_fields`` removes its ``quantization_config``)."""
 
     save_dtype: object
     source: Path | None = None
@@ -41,6 +43,8 @@ class WriteOptions:
     progress: bool = True
     trust_remote_code: bool = False
     card: CardFacts = field(default_factory=CardFacts)
+    quantized: object = None  # QuantizedSource whose format the output keeps (streamed; reloaded dequantising)
+    drop_config_fields: tuple[str, ...] = ()  # source config.json fields the output must not keep
     expected: tuple | None = field(default=None, repr=False)  # (probe, reference outputs) of the plan being written
 
 
@@ -52,7 +56,7 @@ def streams(unit: UnitKind, plan: PrunePlan, options: WriteOptions) -> bool:
 
 
 def write_config(folder: Path, unit: UnitKind, model, plan: PrunePlan, source: Path | None,
-                 changes: dict | None = None) -> None:
+                 changes: dict | None = None, drop: tuple[str, ...] = ()) -> None:
     """config.json of the pruned checkpoint: the source's own file patched with what pruning changed, or (with no
     source folder) the pruned config saved by transformers."""
     from fair_moe.checkpoint.config import config_changes, write_patched_config
@@ -64,7 +68,7 @@ def write_config(folder: Path, unit: UnitKind, model, plan: PrunePlan, source: P
             pruned.save_pretrained(folder)
             return
     if source is not None and (Path(source) / "config.json").is_file():
-        write_patched_config(source, folder, changes)
+        write_patched_config(source, folder, changes, drop)
 
 
 def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: PrunePlan, scores: Scores,
@@ -98,7 +102,9 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
     source = options.source
     if streams(unit, plan, options):
         transform = compensation.transform(model, plan.compensation) if compensation else None
-        stats = unit.stream(model, plan, source, folder, transform, options.save_dtype, options.progress)
+        quantized = options.quantized.format if options.quantized is not None else None
+        stats = unit.stream(model, plan, source, folder, transform, options.save_dtype, options.progress,
+                            quantized=quantized)
         write_config(folder, unit, model, plan, source)
         log.info("streamed %d source bytes into %d shard(s) of %d bytes", stats["source_bytes"], stats["shards"],
                  stats["written_bytes"])
@@ -112,7 +118,7 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
 
         changes = config_changes(before, model.config.to_dict())
         unit.save(model, folder, processor if source is None else None, options.save_dtype)
-        write_config(folder, unit, model, plan, source, changes)
+        write_config(folder, unit, model, plan, source, changes, options.drop_config_fields)
         model.to(compute_dtype)
     if source is not None:
         from fair_moe.checkpoint.stream import copy_side_files
@@ -133,30 +139,35 @@ def _verify(folder, unit, model, plan, options) -> None:
 
     probe, expected = options.expected
     compute_dtype = next(model.parameters()).dtype
-    reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code)
+    reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code,
+                      options.quantized)
     exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
     compare_outputs(unit.outputs(reloaded, probe), expected, exact, unit.exact_tolerance,
                     "the masked original" + (" with its compensation" if plan.compensation else ""))
 
 
 def reload(folder: Path, unit: UnitKind, plan: PrunePlan, dtype, model, placement: dict | None,
-           trust_remote_code: bool = False):
-    """The written checkpoint loaded as a user would, with the placement the original was loaded with.
+           trust_remote_code: bool = False, quantized=None):
+    """The written checkpoint loaded as a user would, with the placement the original was loaded with (and, for a
+    quantized output, dequantised the way the original was, so that both sides see the same numbers).
 
     Remote code runs only for fair_moe's own modeling file (uneven plans) or when the user allowed it."""
+    import contextlib
+
     import transformers
 
     from fair_moe.metrics import execution_device
 
     auto = getattr(transformers, unit.auto_class)
     trust = trust_remote_code or not plan.is_uniform
-    with warnings.catch_warnings():
+    extra = quantized.load_kwargs() if quantized is not None else {}
+    with warnings.catch_warnings(), (quantized.loading() if quantized is not None else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         if placement:  # offload into a folder of its own
             placement = {**placement, **({"offload_folder": str(Path(placement["offload_folder"]) / "verify")}
                                          if "offload_folder" in placement else {})}
-            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype, **placement)
+            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype, **placement, **extra)
         else:
-            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype)
+            reloaded = auto.from_pretrained(folder, trust_remote_code=trust, dtype=dtype, **extra)
             reloaded = reloaded.to(execution_device(model))
     return reloaded.eval()

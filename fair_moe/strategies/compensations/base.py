@@ -44,6 +44,7 @@ class Compensation:
     description: str  # one line for --help and the docs
     changes: str  # what it does to the weights, for the model card ("… multiplied by a per-layer scale")
     streamable: bool = True  # whether ``transform`` can apply it key by key while streaming
+    writes: str = "router"  # what it changes, for quantized outputs: router | expert-scale | expert-weights
     auto_candidate: bool = False  # whether --compensate auto considers it
     options: dict[str, tuple[type, object, str]] = {}  # --compensate-option NAME=VALUE: (type, default, help)
 
@@ -125,8 +126,11 @@ def scale_in_place(model: nn.Module, factors: dict, part: str, chosen: Callable[
 
 def scaling_transform(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, str], bool]) -> Transform:
     """The streaming form of ``scale_in_place``: ``f(key, tensor)`` multiplies the picked tensors of layer l's
-    ``part`` by ``factors[l]`` in float32 and casts back to the tensor's dtype."""
+    ``part`` by ``factors[l]`` in float32 and casts back to the tensor's dtype. A quantized weight is multiplied
+    through its scale tensor (dequantised = payload × scale), its payload copied as it is."""
     from fair_moe.adapters import get_adapter
+    from fair_moe.checkpoint.quantized import AUXILIARY, PAYLOAD, SCALE
+    from fair_moe.core.errors import FairMoeError
 
     adapter = get_adapter(model.config)
     factors = {int(k): float(v) for k, v in factors.items()}
@@ -134,6 +138,11 @@ def scaling_transform(model: nn.Module, factors: dict, part: str, chosen: Callab
     def transform(ref, tensor):
         if ref.part != part or ref.layer not in factors or not chosen(adapter, ref.name):
             return tensor
+        if ref.role in (PAYLOAD, AUXILIARY):  # a quantized weight: its scale tensor carries the factor
+            return tensor
+        if ref.role is not None and ref.role != SCALE:
+            raise FairMoeError(f"{ref.key} is a {ref.role} of a quantized weight, which cannot be multiplied by "
+                               f"{factors[ref.layer]:.4g} exactly: pass --dequantize to write unquantized weights")
         return (tensor.float() * factors[ref.layer]).to(tensor.dtype)
 
     return transform

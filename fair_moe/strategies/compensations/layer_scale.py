@@ -32,6 +32,7 @@ class LayerScale(Compensation):
     changes = ("each MoE layer's kept experts' down projections (and their biases) were multiplied by that layer's "
                "scale s (fitted by least squares so the pruned routed output matches the original one)")
     auto_candidate = True
+    writes = "expert-scale"
 
     def fit(self, model, kept, data):
         from fair_moe.units.experts.routing import masked_experts

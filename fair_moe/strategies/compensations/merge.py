@@ -25,6 +25,7 @@ class Merge(Compensation):
     changes = ("some kept experts' weights were replaced by the routed-token-weighted average of their own and of "
                "the removed experts merged into them (listed in fair_moe_plan.json)")
     streamable = False
+    writes = "expert-weights"
 
     def fit(self, model, kept, data):
         from fair_moe.adapters import get_adapter

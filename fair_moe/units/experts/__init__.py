@@ -109,13 +109,13 @@ class ExpertsUnit(UnitKind):
         return dense - removed
 
     def stream(self, model, plan, source: Path, folder: Path, transform, save_dtype, progress: bool,
-               max_shard_bytes: int = 2 * 2**30) -> dict:
+               max_shard_bytes: int = 2 * 2**30, quantized=None) -> dict:
         """Weights streamed from ``source`` through the plan (and the modeling file for uneven plans)."""
         from fair_moe.checkpoint.stream import stream_rewrite
         from fair_moe.units.experts.keys import ExpertKeyRewriter
         from fair_moe.units.experts.rewrite import MODELING_FILE, modeling_source
 
-        rewriter = ExpertKeyRewriter(plan, self.adapter(model.config), transform)
+        rewriter = ExpertKeyRewriter(plan, self.adapter(model.config), transform, quantized)
         stats = stream_rewrite(source, folder, rewriter, max_shard_bytes, progress)
         rewriter.check_complete()
         if not plan.is_uniform:

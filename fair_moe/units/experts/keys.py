@@ -8,19 +8,24 @@ The adapter says what a key is (router rows, a per-expert tensor, a fused expert
 - router tensors whose first axis is the expert count: rows sliced.
 
 A compensation's ``transform(key, tensor)`` sees each of these source tensors whole, before slicing, with
-the original expert ids. Every MoE layer of the plan must have its router found and its experts sliced to
-the planned count; anything else is an error (and the writer also reloads the result and compares it with
-the masked original, so a layout these rules do not cover cannot slip through).
+the original expert ids; in a quantized checkpoint the key says which weight the tensor encodes and what it is to
+that weight (payload, scale, ...), so that a scaling touches the scale and never the quantized payload.
+
+Every MoE layer of the plan must have its router found and its experts sliced to the planned count; anything
+else is an error (and the writer also reloads the result and compares it with the masked original, so a layout
+these rules do not cover cannot slip through).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
 from fair_moe.adapters.base import CheckpointKey, FusedExpertsAdapter
+from fair_moe.checkpoint.quantized import QuantFormat, encoded_weight
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 
@@ -30,10 +35,12 @@ Transform = Callable[[CheckpointKey, torch.Tensor], torch.Tensor]
 class ExpertKeyRewriter:
     """Decides, key by key, what a source tensor becomes in the pruned checkpoint."""
 
-    def __init__(self, plan: PrunePlan, adapter: FusedExpertsAdapter, transform: Transform | None = None):
+    def __init__(self, plan: PrunePlan, adapter: FusedExpertsAdapter, transform: Transform | None = None,
+                 quantized: QuantFormat | None = None):
         self.plan = plan
         self.adapter = adapter
-        self.transform = transform or (lambda ref, tensor: tensor)
+        self.user_transform = transform
+        self.quantized = quantized
         self.kept = {layer: sorted(ids) for layer, ids in plan.kept.items()}
         self.new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in self.kept.items()}
         self.routers_seen: dict[int, int] = defaultdict(int)
@@ -64,10 +71,21 @@ class ExpertKeyRewriter:
         self.routers_seen[layer] += 1
         return key, self.transform(ref, tensor).index_select(0, keep)
 
+    def transform(self, ref: CheckpointKey, tensor: torch.Tensor) -> torch.Tensor:
+        """The compensation's change of one source tensor, told what the tensor is in a quantized format."""
+        if self.user_transform is None:
+            return tensor
+        if self.quantized is not None:
+            ref = dataclasses.replace(ref, name=encoded_weight(ref.name),
+                                      role=self.quantized.role(ref.name, tensor.dtype))
+        return self.user_transform(ref, tensor)
+
     def check_complete(self) -> None:
         for layer, kept in self.kept.items():
             if not self.routers_seen[layer]:
-                raise FairMoeError(f"no router weight found for MoE layer {layer} in the source checkpoint")
+                raise FairMoeError(f"no router weight found for MoE layer {layer} in the source checkpoint"
+                                   + (" (a quantized checkpoint must store its routers unquantized)"
+                                      if self.quantized is not None else ""))
             if not self.fused_seen[layer] and self.experts_seen[layer] != set(kept):
                 raise FairMoeError(f"layer {layer}: found experts {sorted(self.experts_seen[layer])} in the source "
                                    f"checkpoint, the plan keeps {kept}")
