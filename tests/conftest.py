@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, Qwen2MoeConfig  # noqa: E402
+from transformers import Qwen2MoeConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -40,24 +40,33 @@ def build_model(config, seed: int = 0):
     """A tiny model with random weights, float32. Router weights are larger than the default init, so routing is
     decisive and top-k never sits on a tie; every bias (router, expert, attention) and selection bias is random
     and non-zero, so that bias handling is actually exercised (init leaves most of them at zero)."""
+    import transformers
+
     from fair_moe.adapters import get_adapter
+    from fair_moe.adapters.structure import auto_class_name
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = getattr(transformers, auto_class_name(config)).from_config(config, dtype=torch.float32)
     try:
-        routers = {id(layer.router) for layer in get_adapter(model.config).moe_layers(model)}
+        layers = get_adapter(model.config).moe_layers(model)
     except Exception:  # not a supported MoE (tests of refusals build those too)
-        routers = set()
+        layers = []
+    routers = {id(m) for layer in layers for m in layer.router.modules()}
+    selection = {id(t) for layer in layers for t in layer.selection_biases()}
     with torch.no_grad():
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):
+                if id(p) in selection:
+                    continue
                 if id(module) in routers:
                     p.normal_(0, 0.5 if name == "weight" else 0.3)
                 elif name == "bias" or name.endswith("_bias"):
                     p.normal_(0, 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
+        for layer in layers:
+            for bias in layer.selection_biases():
+                # non-negative: a group-limited router that fills unselected groups with 0 (DeepSeek-V3 style) would
+                # otherwise often tie a kept expert with those zeros, and torch.topk breaks ties in no defined order
+                bias.uniform_(0.0, 0.1)
     return model.eval()
 
 

@@ -52,6 +52,26 @@ def family_configs() -> dict:
     }
 
 
+def zoo_configs() -> dict:
+    """Every other fused-experts model type of the installed transformers (``zoo.py``: 8 experts, top-2) that fair_moe
+    supports, under its own name; types already in ``family_configs`` are not repeated."""
+    from zoo import ZOO, zoo_config
+
+    from fair_moe.adapters import supported_model_types
+
+    supported = set(supported_model_types())
+    return {name: zoo_config(name) for name in sorted(ZOO) if name in supported and name not in FAMILY_TYPES}
+
+
+FAMILY_TYPES = frozenset({"qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                          "qwen3_next", "flex_olmo", "minimax", "dots1", "granitemoe", "gpt_oss"})
+
+
+def all_configs() -> dict:
+    """The hand-written family configs (12 experts, top-3, 3 groups where grouped) and every other supported type."""
+    return {**family_configs(), **zoo_configs()}
+
+
 def grouped_uneven_plan(model) -> PrunePlan:
     """Layers keep very different counts, the same number in every group."""
     adapter = get_adapter(model.config)

@@ -1,32 +1,42 @@
-"""What fair_moe needs to know about one MoE family, and the shared fused-experts layout.
+"""What fair_moe needs to know about an MoE model: its blocks (found from the module tree) and its checkpoint keys.
 
-transformers 5.x stores the routed experts of most MoE families as one module with fused 3-D
-parameters (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``) next to a router
-module (``gate`` or ``router``) whose ``weight`` is ``[E, H]``. An adapter names those modules, the
-config fields that hold E and the expert sizes, how the router turns its logits into top-k weights (so
-that the masked reference, removed experts' logits at -inf, is computed from the router's real
-logits), and the checkpoint key format on disk (which keys are router rows, per-expert tensors or fused
-expert tensors, and which are down projections), so that the streaming rewriter and the key checks ask
-the adapter instead of guessing.
+An adapter serves one ``config.model_type``. Where the model's routed experts are, which tensors carry the expert
+axis, which attributes and config fields hold the expert count, the router's top-k and its expert groups are
+found on the model itself (``structure.discover``, on a meta-device copy built from the config, cached); nothing
+about routing is re-implemented: the masked reference runs each router's own code with the removed experts'
+logits and selection scores at -inf (``units/experts/routing.py``). What stays per family is what the module
+tree cannot say: a checkpoint key format that differs from the module names (GraniteMoE's ``input_linear``),
+or a reason the family cannot be pruned although its structure looks like one that can.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fair_moe.adapters.keymap import KeyMap
+from fair_moe.adapters.structure import (
+    OTHER_TOWERS,
+    MoEStructure,
+    Unsupported,
+    auto_class_name,
+    discover,
+    meta_model,
+    text_config,
+)
 from fair_moe.core.errors import FairMoeError
 
 # The key formats save_pretrained writes for the fused-experts families (the original per-expert format).
-PER_EXPERT_KEY = re.compile(r"^(?P<head>.*?\.layers\.(?P<layer>\d+)\..*?\.experts\.)(?P<expert>\d+)\.(?P<rest>.+)$")
-FUSED_EXPERTS_KEY = re.compile(r"^.*?\.layers\.(?P<layer>\d+)\..*?\.experts\.(?P<name>[A-Za-z_]\w*)$")
-ROUTER_KEY = re.compile(r"^.*?\.layers\.(?P<layer>\d+)\.(?:.*\.)?(?:gate|router)(?:\.layer)?"
-                        r"\.(?P<name>weight|bias|e_score_correction_bias)$")
-DOWN_PROJECTION = re.compile(r"(?:^|\.)(?:down_proj|w2|output_linear)(?:\.weight|\.bias|_bias)?$")
-SELECTION_BIAS = "e_score_correction_bias"
+LAYER_KEY = re.compile(r"^(?P<prefix>.*?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+PER_EXPERT = re.compile(r"^(?P<head>(?:.*\.)?experts\.)(?P<expert>\d+)\.(?P<rest>.+)$")
+FUSED_EXPERTS = re.compile(r"^(?:.*\.)?experts\.(?P<name>[A-Za-z_]\w*)$")
+ROUTER_KEY = re.compile(r"^(?:.*\.)?(?:gate|router)(?:\.layer)?\.(?P<name>weight|bias|e_score_correction_bias)$")
+DOWN_PROJECTION = re.compile(r"(?:^|\.)(?:down_proj|w2|output_linear)(?:\.weight|_weight|\.bias|_bias)?$")
 
 
 @dataclass(frozen=True)
@@ -34,10 +44,12 @@ class CheckpointKey:
     """What one checkpoint tensor is to the rewriter.
 
     ``part`` is ``router`` (rows are experts) or ``experts``; ``name`` the tensor's name within the part
-    (``weight``, ``e_score_correction_bias``, ``down_proj.weight``, ``gate_up_proj`` …); ``expert`` the
-    expert id of a per-expert key, None for a fused tensor whose first axis is the expert axis. In a quantized
-    checkpoint ``name`` is the weight the tensor encodes and ``role`` what the tensor is to it (payload, scale,
-    exponent, auxiliary; ``fair_moe.checkpoint.quantized``); ``role`` is None for a plain tensor.
+    (``gate.weight``, ``gate.e_score_correction_bias``, ``expert_bias`` … relative to the MoE block for the router
+    part; ``down_proj.weight``, ``gate_up_proj`` … for experts); ``expert`` the expert id of a per-expert key, None
+    for a fused tensor whose first axis is the expert axis; ``axis`` the expert axis of a router tensor. In a
+    quantized checkpoint ``name`` is the weight the tensor encodes and ``role`` what the tensor is to it (payload,
+    scale, exponent, auxiliary; ``fair_moe.checkpoint.quantized``); ``role`` is None for a plain tensor. ``target`` is
+    the module tensor the key fills (``down_proj``, ``gate.e_score_correction_bias``), whatever the disk name.
     """
 
     key: str
@@ -48,6 +60,8 @@ class CheckpointKey:
     prefix: str = ""
     suffix: str = ""
     role: str | None = None
+    axis: int = 0
+    target: str | None = None
 
     def renumbered(self, new_id: int) -> str:
         """This per-expert key with the expert id replaced."""
@@ -58,8 +72,8 @@ class CheckpointKey:
 class MoELayer:
     """One sparse MoE block of a decoder.
 
-    ``index`` is the decoder layer index (the key used in ``fair_moe_plan.json``); ``groups`` is the
-    router's group count for group-limited routing (1 when the router has none).
+    ``index`` is the decoder layer index (the key used in ``fair_moe_plan.json``); ``groups`` is the router's group
+    count for group-limited routing (1 when the router has none); ``structure`` says where its tensors are.
     """
 
     index: int
@@ -69,174 +83,243 @@ class MoELayer:
     num_experts: int
     top_k: int
     groups: int = 1
+    structure: MoEStructure | None = field(default=None, repr=False)
+
+    def owner(self, path: str) -> tuple[nn.Module, str]:
+        """(module, attribute) of a block-relative tensor path."""
+        module_path, _, name = path.rpartition(".")
+        return (self.block.get_submodule(module_path) if module_path else self.block), name
+
+    def tensor(self, path: str) -> torch.Tensor:
+        module, name = self.owner(path)
+        return getattr(module, name)
+
+    def router_tensors(self) -> list[tuple[str, int]]:
+        """(block-relative path, expert axis) of every router-side tensor with an expert axis."""
+        return list(self.structure.router_tensors)
+
+    def logit_tensors(self) -> list[str]:
+        """Block-relative paths of the tensors the router's logits are made of: its ``[E, H]`` weight and, where the
+        same linear layer has one, its bias."""
+        weight = self.structure.logits_weight
+        bias = weight[: -len("weight")] + "bias"
+        return [weight] + [path for path, axis in self.structure.router_tensors if path == bias and axis == 0]
+
+    def selection_biases(self) -> list[torch.Tensor]:
+        return [self.tensor(path) for path in self.structure.selection_biases]
+
+    def logits_weight(self) -> torch.Tensor:
+        return self.tensor(self.structure.logits_weight)
 
 
 @dataclass
 class FusedExpertsAdapter:
-    """Adapter for families whose experts are one fused-parameter module.
+    """Everything fair_moe asks about one model type. Structure is found on the model; the attributes are the
+    per-family facts the module tree cannot tell.
 
     Attributes:
-        model_type: ``config.model_type`` this adapter serves.
-        count_field: config field holding the routed expert count.
-        block_attr: attribute of a decoder layer holding the sparse MoE block.
-        router_attr / experts_attr: attributes of the block.
-        count_attributes: module attributes that cache the expert count and must follow a resize.
-        always_normalize: the router renormalises top-k weights whatever the config says (Mixtral).
+        model_type: ``config.model_type`` this adapter serves (None: any type whose structure is found).
+        fused_key_names: fused expert tensors a checkpoint stores outside ``experts.`` (GraniteMoE's
+            ``input_linear.weight``), relative to the MoE block.
+        unsupported: why a type whose structure is found still cannot be pruned (None: it can).
     """
 
-    model_type: str
-    count_field: str = "num_experts"
-    block_attr: str = "mlp"
-    router_attr: str = "gate"
-    experts_attr: str = "experts"
-    count_attributes: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
-    always_normalize: bool = False
-    layers_path: str = "model.layers"
-    fused_key_names: tuple[str, ...] = ()  # fused expert tensors saved outside ``experts.`` (GraniteMoE)
-    extra_config_fields: dict[str, str] = field(default_factory=dict)
+    model_type: str | None = None
+    fused_key_names: tuple[str, ...] = ()
+    unsupported: str | None = None
+    _structures: dict = field(default_factory=dict, repr=False)
 
-    # ---- discovery -------------------------------------------------------------------------
+    # ---- structure ---------------------------------------------------------------------------
+    def structure(self, config) -> MoEStructure:
+        """The MoE structure of ``config``'s model (from a meta-device build, cached per config)."""
+        return self._built(config)[0]
+
+    def key_map(self, config) -> KeyMap:
+        """How the checkpoint keys of ``config``'s model map onto its module tensors (cached per config)."""
+        return self._built(config)[1]
+
+    def _built(self, config) -> tuple[MoEStructure, KeyMap]:
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        if key not in self._structures:
+            if self.unsupported:
+                raise Unsupported(f"model_type {config.model_type!r}: {self.unsupported}")
+            model = meta_model(config, auto_class_name(config))
+            self._structures[key] = (discover(model), KeyMap(model))
+        return self._structures[key]
+
+    def auto_class(self, config) -> str:
+        return auto_class_name(config)
+
     def num_experts(self, config) -> int:
-        return int(getattr(config, self.count_field))
+        return self.structure(config).num_experts
 
     def top_k(self, config) -> int:
-        return int(config.num_experts_per_tok)
+        return self.structure(config).top_k
 
     def num_groups(self, config) -> int:
         """Expert groups of a group-limited router (1 when routing is not group-limited)."""
-        return 1
+        return self.structure(config).groups
 
     def min_kept_per_group(self, config) -> int:
         """Experts every group must keep to stay selectable (0 without group-limited routing)."""
-        return 0
+        return self.structure(config).min_kept_per_group
 
     def expert_intermediate_size(self, config) -> int:
         """Hidden width of one routed expert."""
-        return int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+        text = text_config(config)
+        for name in ("moe_intermediate_size", "expert_ffn_hidden_size", "intermediate_size"):
+            value = getattr(text, name, None)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, (list, tuple)) and value:
+                return int(value[0])
+        return int(text.hidden_size)
 
     def shared_intermediate_size(self, config) -> int:
         """Hidden width of the shared expert(s) beside the routed ones (0 when there are none)."""
-        return int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        text = text_config(config)
+        for name in ("shared_expert_intermediate_size", "shared_intermediate_size", "shared_experts_intermediate_size",
+                     "moe_shared_expert_intermediate_size"):
+            if isinstance(getattr(text, name, None), int):
+                return int(getattr(text, name))
+        shared = getattr(text, "n_shared_experts", None)
+        return int(shared) * self.expert_intermediate_size(config) if isinstance(shared, int) else 0
+
+    def moe_layer_indices(self, config) -> list[int]:
+        """Decoder indices of the sparse layers, from the config alone (a meta-device build, no weights)."""
+        return list(self.structure(config).layer_indices)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        path = self.structure(model.config).layers_path
         try:
-            return model.get_submodule(self.layers_path)
+            return model.get_submodule(path)
         except AttributeError as err:
-            raise FairMoeError(
-                f"model of type {type(model).__name__} has no {self.layers_path!r}: pass a causal LM "
-                "(AutoModelForCausalLM) to --model"
-            ) from err
+            raise FairMoeError(f"model of type {type(model).__name__} has no {path!r}: pass the model class "
+                               f"{self.auto_class(model.config)} loads") from err
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         """Every sparse MoE block, in decoder order. Dense layers are skipped."""
-        config = model.config
+        structure = self.structure(model.config)
         layers = []
         for index, layer in enumerate(self.decoder_layers(model)):
-            block = getattr(layer, self.block_attr, None)
-            if block is None or not hasattr(block, self.experts_attr) or not hasattr(block, self.router_attr):
+            block = structure.block_of(layer)
+            if block is None:
                 continue
-            layers.append(
-                MoELayer(
-                    index=index,
-                    block=block,
-                    router=getattr(block, self.router_attr),
-                    experts=getattr(block, self.experts_attr),
-                    num_experts=self.num_experts(config),
-                    top_k=self.top_k(config),
-                    groups=self.num_groups(config),
-                )
-            )
+            router = block.get_submodule(structure.router_path)
+            experts = block.get_submodule(structure.experts_path)
+            num_experts = getattr(experts, structure.expert_tensors[0]).shape[0]
+            top_k = getattr(router, "top_k", None)
+            layers.append(MoELayer(index=index, block=block, router=router, experts=experts, num_experts=num_experts,
+                                   top_k=int(top_k) if isinstance(top_k, int) else structure.top_k,
+                                   groups=structure.groups, structure=structure))
         return layers
-
-    def moe_layer_indices(self, config) -> list[int]:
-        """Decoder indices of the sparse layers, from the config alone (no weights needed).
-
-        Mirrors the decoder-layer constructors: ``mlp_only_layers`` and ``decoder_sparse_step`` (Qwen),
-        ``first_k_dense_replace`` (DeepSeek, GLM); families without them are sparse everywhere.
-        """
-        n = config.num_hidden_layers
-        mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
-        step = getattr(config, "decoder_sparse_step", None) or 1
-        first_dense = getattr(config, "first_k_dense_replace", None) or 0
-        return [i for i in range(n) if i not in mlp_only and (i + 1) % step == 0 and i >= first_dense]
-
-    # ---- routing ---------------------------------------------------------------------------
-    def route(
-        self, router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k weights and ids [tokens, top_k] from router logits [tokens, E], as the router computes them,
-        with the experts flagged in ``removed [E]`` made unreachable.
-
-        Default (Qwen-MoE, OLMoE, Mixtral): softmax over all experts, top-k of the probabilities, optional
-        renormalisation. Removed experts get logit -inf, hence probability 0.
-        """
-        if removed is not None:
-            logits = logits.masked_fill(removed.to(logits.device), float("-inf"))
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, router.top_k, dim=-1)
-        if self.always_normalize or getattr(router, "norm_topk_prob", False):
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.always_normalize:
-            weights = weights.to(logits.dtype)
-        return weights, ids
-
-    def router_logits(self, router_output) -> torch.Tensor:
-        """The logits [tokens, E] out of whatever the router's forward returned."""
-        return router_output[0]
-
-    def replace_router_output(self, router_output, logits: torch.Tensor, weights, ids):
-        return (logits, weights, ids)
 
     # ---- rewriting -------------------------------------------------------------------------
     def set_count(self, config, n: int) -> None:
-        setattr(config, self.count_field, n)
+        """Write the routed expert count into every config field that holds it."""
+        text = text_config(config)
+        for name in self.count_fields(config):
+            setattr(text, name, n)
 
-    def router_tensor_names(self, router: nn.Module, num_experts: int) -> list[str]:
-        """The router's parameters and buffers whose first axis is the expert axis."""
-        return expert_axis_tensors(router, num_experts)
+    def count_fields(self, config) -> tuple[str, ...]:
+        return self.structure(config).count_fields
 
     def expert_tensor_names(self, experts: nn.Module, num_experts: int) -> list[str]:
         """The experts module's parameters and buffers whose first axis is the expert axis."""
-        return expert_axis_tensors(experts, num_experts)
+        tensors = {**dict(experts.named_parameters(recurse=False)), **dict(experts.named_buffers(recurse=False))}
+        return sorted(name for name, t in tensors.items() if t.dim() >= 1 and t.shape[0] == num_experts)
 
     # ---- checkpoint key format -------------------------------------------------------------
-    def classify_key(self, key: str) -> CheckpointKey | None:
-        """Router rows, per-expert or fused expert tensors of a saved checkpoint; None for any other key."""
-        match = PER_EXPERT_KEY.match(key)
-        if match:
-            return CheckpointKey(key, int(match["layer"]), "experts", match["rest"], int(match["expert"]),
-                                 match["head"], "." + match["rest"])
-        match = FUSED_EXPERTS_KEY.match(key)
-        if match:
-            return CheckpointKey(key, int(match["layer"]), "experts", match["name"])
+    def classify_key(self, key: str, config=None, encoded: Callable[[str], str] | None = None
+                     ) -> CheckpointKey | None:
+        """Router rows, per-expert or fused expert tensors of a saved checkpoint; None for any other key.
+
+        With ``config``, a key is read the way transformers loads it (``KeyMap``: the model class's own conversion
+        mapping), so any family's renamed or per-expert format is understood from the module tensor it fills;
+        without, by the per-expert / fused / router patterns ``save_pretrained`` writes for the common layout.
+        ``encoded`` (for a quantized checkpoint) names the weight a quantized tensor encodes."""
+        if config is not None:
+            return self._classify_mapped(key, config, encoded)
+        match = LAYER_KEY.match(key)
+        if match is None or any(t in match["prefix"] for t in OTHER_TOWERS):
+            return None
+        layer, rest = int(match["layer"]), match["rest"]
+        per_expert = PER_EXPERT.match(rest)
+        if per_expert:
+            head = match["prefix"] + match["layer"] + "." + per_expert["head"]
+            return CheckpointKey(key, layer, "experts", per_expert["rest"], int(per_expert["expert"]), head,
+                                 "." + per_expert["rest"])
+        fused = FUSED_EXPERTS.match(rest)
+        if fused:
+            return CheckpointKey(key, layer, "experts", fused["name"])
         for name in self.fused_key_names:
-            match = re.match(rf"^.*?\.layers\.(?P<layer>\d+)\..*?\.{re.escape(name)}$", key)
-            if match:
-                return CheckpointKey(key, int(match["layer"]), "experts", name)
-        match = ROUTER_KEY.match(key)
-        if match:
-            return CheckpointKey(key, int(match["layer"]), "router", match["name"])
+            if rest.endswith("." + name):
+                return CheckpointKey(key, layer, "experts", name)
+        router = ROUTER_KEY.match(rest)
+        if router:
+            return CheckpointKey(key, layer, "router", router["name"])
         return None
 
+    def _classify_mapped(self, key: str, config, encoded: Callable[[str], str] | None) -> CheckpointKey | None:
+        """``classify_key`` through the key map. A key that names no module tensor itself may be a quantized tensor,
+        placed by the weight it encodes (``down_proj.weight_scale_inv`` is where ``down_proj.weight`` is); ``name``
+        keeps the disk name's last part so that its role in the format can be read from it."""
+        found = self._place(key, key, config)
+        weight_key = encoded(key) if encoded is not None else key
+        if found is None and weight_key != key:
+            found = self._place(key, weight_key, config)
+        return found
+
+    def _place(self, key: str, weight_key: str, config) -> CheckpointKey | None:
+        """What ``key`` is when it holds (part of) the module tensor that ``weight_key`` maps to."""
+        structure = self.structure(config)
+        mapped = self.key_map(config).map(weight_key)
+        prefix = structure.layers_path + "."
+        if not mapped.target.startswith(prefix):
+            return None
+        index, _, rest = mapped.target[len(prefix):].partition(".")
+        if not index.isdigit() or int(index) not in structure.layer_indices:
+            return None
+        block = structure.block_path + "." if structure.block_path else ""
+        if not rest.startswith(block):
+            return None
+        rel, layer = rest[len(block):], int(index)
+        quant_suffix = key[len(weight_key):]
+        for path, axis in structure.router_tensors:
+            if rel == path:
+                return CheckpointKey(key, layer, "router", path, axis=axis, target=path)
+        experts = structure.experts_path + "."
+        if not rel.startswith(experts) or rel[len(experts):] not in structure.expert_tensors:
+            return None
+        target = rel[len(experts):]
+        if mapped.expert is None:
+            return CheckpointKey(key, layer, "experts", target + quant_suffix, target=target)
+        start, end = mapped.span
+        disk_name = weight_key[end:].lstrip(".") + quant_suffix
+        return CheckpointKey(key, layer, "experts", disk_name, mapped.expert, key[:start], key[end:], target=target)
+
     def is_down_projection(self, name: str) -> bool:
-        """Whether an experts tensor (module attribute or checkpoint name) is a down projection or its bias."""
+        """Whether an experts tensor (module attribute, or the module attribute a checkpoint key fills) is a down
+        projection or its bias."""
         return bool(DOWN_PROJECTION.search(name))
 
     def is_selection_bias(self, name: str) -> bool:
         """Whether a router tensor only biases selection (it is not part of the logits)."""
-        return name.endswith(SELECTION_BIAS)
+        last = name.rsplit(".", 1)[-1]
+        return last.endswith("bias") and last != "bias"
 
-    def saved_expert_ids(self, keys) -> dict[int, set[int]]:
+    def is_logit_tensor(self, config, name: str) -> bool:
+        """Whether a router-part tensor (block-relative path, or a path ending it) is part of the router's logits:
+        its ``[E, H]`` weight or that linear layer's bias, not a selection bias or a per-expert scale."""
+        weight = self.structure(config).logits_weight
+        logit = (weight, weight[: -len("weight")] + "bias")
+        return any(name == p or p.endswith("." + name) or name.endswith("." + p) for p in logit)
+
+    def saved_expert_ids(self, keys, config=None) -> dict[int, set[int]]:
         """Per decoder layer, the expert ids of the per-expert keys among ``keys`` of a saved checkpoint."""
         found: dict[int, set[int]] = {}
         for key in keys:
-            ref = self.classify_key(key)
-            if ref is not None and ref.expert is not None and key.startswith(self.layers_path + "."):
+            ref = self.classify_key(key, config)
+            if ref is not None and ref.expert is not None:
                 found.setdefault(ref.layer, set()).add(ref.expert)
         return found
-
-
-def expert_axis_tensors(module: nn.Module, num_experts: int) -> list[str]:
-    """Direct parameters and buffers of ``module`` whose first dimension is the expert dimension."""
-    tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
-    return sorted(name for name, t in tensors.items() if t.dim() >= 1 and t.shape[0] == num_experts)

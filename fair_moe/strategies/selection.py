@@ -186,7 +186,12 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
                                 FitData(ids, batch_size, seed, options_for(compensation, options), progress))
 
     if kind != AUTO:
-        plan.compensation = fit(COMPENSATIONS.get(kind))
+        chosen = COMPENSATIONS.get(kind)
+        reason = chosen.unavailable(model)
+        if reason:
+            raise FairMoeError(f"--compensate {kind} cannot be applied to this model: {reason}; pick another "
+                               "--compensate (or auto)")
+        plan.compensation = fit(chosen)
         return plan
     held = scores.selection_ids
     if held is None or len(held) == 0:
@@ -195,6 +200,7 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
     candidates = [c for c in COMPENSATIONS if c.auto_candidate]
     left_out = {c.name: f"changes {c.writes}, which the output's quantized format cannot hold exactly"
                 for c in candidates if writable is not None and c.writes not in writable}
+    left_out.update({c.name: reason for c in candidates if c.name not in left_out and (reason := c.unavailable(model))})
     records = [None] + [fit(c) for c in candidates if c.name not in left_out]
     kls = [window_kl(judge, model, unit, plan.kept, record) for record in records]
     rows = [{"compensation": record.kind if record else "none", **_summary(kl, kls[0])}

@@ -94,6 +94,10 @@ class UnitKind(ABC):
     def verify_saved(self, folder: Path, plan: PrunePlan, config) -> None:  # noqa: B027 - optional check
         """Checks of the written files beyond the reload (key counts); none by default."""
 
+    def auto_class_for(self, config) -> str:
+        """The transformers Auto class a checkpoint of ``config`` loads with."""
+        return self.auto_class
+
     def output_bytes(self, model: nn.Module, plan: PrunePlan, save_dtype) -> int:
         """About how many bytes the pruned weights take on disk; by default the dense model's (an upper bound)."""
         import torch

@@ -181,8 +181,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
             if method.removal_for(unit) == "wasserstein" and len(sources) < 2:
                 raise FairMoeError("--removal wasserstein needs at least two calibration classes: pass --calib-file "
                                    "twice or several --calib-dataset specs")
-        model = load_model(str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code,
-                           quantized)
+        model = load_model(str(folder), unit.auto_class_for(config), dtype, device, placement,
+                           runtime.trust_remote_code, quantized)
     data = None
     with result.phase("calibrate"):
         if (scores is None and saved_plan is None) or unit.data == "images":  # vision probes need the images
@@ -201,6 +201,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
         writable = quantized.format.writable if keep_format else None
         plans = [plan_for(model, unit, scores, budget, settings, result, writable) for budget in settings.budgets]
     result.plans = plans
+    for plan in plans:  # the class the card tells users to load it with
+        plan.settings = {**plan.settings, "auto_class": unit.auto_class_for(config)}
     for plan in plans:
         console.plan(plan)
     ppl_ids = [_ppl_ids(processor, path) for path in output.ppl_files]
@@ -241,7 +243,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
                 # for every budget but the last, and slice fresh copies instead.
                 in_memory, last = not streams(unit, plan, options), i == len(plans) - 1
                 target = model if not in_memory or last else load_model(
-                    str(folder), unit.auto_class, dtype, device, placement, runtime.trust_remote_code, quantized)
+                    str(folder), unit.auto_class_for(config), dtype, device, placement, runtime.trust_remote_code,
+                    quantized)
                 write_checkpoint(claim.staging / budget.label, unit, target, processor, plan, scores, data, options,
                                  result.phase)
             result.folders = [output.out / budget.label for budget in settings.budgets]
@@ -254,10 +257,12 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
                     + yaml.safe_dump(output.recipe, sort_keys=True))
         claim.commit()
     if ppl_ids:
-        report_perplexity(result, unit, ppl_ids, settings, dtype, device, console)
+        report_perplexity(result, unit, config, ppl_ids, settings, dtype, device, console,
+                          quantized if keep_format else None)
     if any(not plan.is_uniform for plan in plans):
-        console.line(f"layers keep different counts: load with {unit.auto_class}.from_pretrained(PATH, "
-                     "trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: prune with --layout stock")
+        console.line(f"layers keep different counts: load with {unit.auto_class_for(config)}.from_pretrained("
+                     "PATH, trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: prune with "
+                     "--layout stock")
     console.timings(result.seconds)
     console.final(f"wrote {output.out}")
     if output.push_to_hub:
@@ -355,16 +360,17 @@ def _ppl_ids(processor, path: Path):
     return token_stream(processor, [Path(path).read_text(encoding="utf-8")])
 
 
-def report_perplexity(result: PruneResult, unit: UnitKind, ppl_ids: list, settings: PruneSettings, dtype, device,
-                      console: Console) -> None:
-    """Perplexity of every written checkpoint, loaded as a user would, next to the dense model's."""
+def report_perplexity(result: PruneResult, unit: UnitKind, config, ppl_ids: list, settings: PruneSettings, dtype,
+                      device, console: Console, quantized=None) -> None:
+    """Perplexity of every written checkpoint, loaded as a user would (a quantized one dequantised as the original
+    was), next to the dense model's."""
     from fair_moe.checkpoint.loading import load_model
     from fair_moe.metrics import perplexity
 
     seq_len, progress = settings.calibration.seq_len, settings.runtime.progress
     for folder, plan in zip(result.folders, result.plans, strict=True):
-        pruned = load_model(str(folder), unit.auto_class, dtype, device, None,
-                            settings.runtime.trust_remote_code or not plan.is_uniform)
+        pruned = load_model(str(folder), unit.auto_class_for(config), dtype, device, None,
+                            settings.runtime.trust_remote_code or not plan.is_uniform, quantized)
         label = folder.name if len(result.folders) > 1 else "pruned"
         result.perplexity[label] = [perplexity(pruned, ids, seq_len, progress=progress) for ids in ppl_ids]
     console.perplexity([Path(p).name for p in settings.output.ppl_files], result.perplexity["dense"],

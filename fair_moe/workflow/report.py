@@ -86,6 +86,7 @@ def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
         model_name=f"{plan.model_type} pruned by fair_moe" if results else None, eval_results=results or None,
     )
     load_kw = "" if plan.is_uniform else ", trust_remote_code=True"
+    auto_class = s.get("auto_class", unit.auto_class)
     how = [
         f"- allocation: `{allocation}`" + (f" (Tolerance of Difference, α* = {plan.alpha:.4f})"
                                             if plan.alpha is not None else "")
@@ -121,8 +122,8 @@ def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
         "## How to load it",
         "",
         "```python",
-        f"from transformers import {unit.auto_class}",
-        f'model = {unit.auto_class}.from_pretrained("{facts.load_path}"{load_kw})',
+        f"from transformers import {auto_class}",
+        f'model = {auto_class}.from_pretrained("{facts.load_path}"{load_kw})',
         "```",
         "",
         "Every layer keeps the same number of units, so this is the stock architecture: it loads without remote "

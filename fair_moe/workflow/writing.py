@@ -158,7 +158,7 @@ def reload(folder: Path, unit: UnitKind, plan: PrunePlan, dtype, model, placemen
 
     from fair_moe.metrics import execution_device
 
-    auto = getattr(transformers, unit.auto_class)
+    auto = getattr(transformers, unit.auto_class_for(model.config))
     trust = trust_remote_code or not plan.is_uniform
     extra = quantized.load_kwargs() if quantized is not None else {}
     with warnings.catch_warnings(), (quantized.loading() if quantized is not None else contextlib.nullcontext()):

@@ -141,7 +141,7 @@ BAD_INPUTS = {
     "rounds to nothing": (["--budget", "0.01"], "raise --budget"),
     "no budget": ([], "--budget"),
     "missing model": (["--budget", "0.25", "--model", "/nonexistent/model"], "does not exist"),
-    "unsupported type": (["--budget", "0.25", "--model", "LLAMA"], "not supported"),
+    "unsupported type": (["--budget", "0.25", "--model", "LLAMA"], "'llama' has no MoE layers fair_moe can prune"),
     "no moe layers": (["--budget", "0.25", "--model", "DENSE"], "no MoE layers"),
     "missing calib": (["--budget", "0.25", "--calib-file", "/nonexistent/calib.txt"], "does not exist"),
     "empty calib": (["--budget", "0.25", "--calib-file", "BAD/empty.txt"], "holds no text"),

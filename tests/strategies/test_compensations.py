@@ -132,13 +132,16 @@ def test_layer_scale_is_the_least_squares_solution():
         model(input_ids=ids)
     handle.remove()
     x = captured["x"]
+    def softmax_top_k(logits):  # Qwen2-MoE routing, by hand: softmax over the experts, top-k, no renormalisation
+        weights, ids = torch.softmax(logits, dim=-1, dtype=torch.float).topk(layer.top_k, dim=-1)
+        return weights.to(x.dtype), ids
+
     with torch.no_grad():
         logits = torch.nn.functional.linear(x, layer.router.weight)
-        adapter = get_adapter(model.config)
-        w, i = adapter.route(layer.router, logits, None)
         removed = torch.ones(12, dtype=torch.bool)
         removed[kept[0]] = False
-        w2, i2 = adapter.route(layer.router, logits, removed)
+        w, i = softmax_top_k(logits)
+        w2, i2 = softmax_top_k(logits.masked_fill(removed, float("-inf")))
         y, y_hat = layer.experts(x, i, w).double(), layer.experts(x, i2, w2).double()
     expected = (y * y_hat).sum() / (y_hat * y_hat).sum()
     fitted = COMPENSATIONS.get("layer-scale").fit(model, kept, FitData(ids)).per_layer[0]
@@ -147,3 +150,30 @@ def test_layer_scale_is_the_least_squares_solution():
 
 def get_layers(model):
     return get_adapter(model.config).moe_layers(model)
+
+
+def test_layer_scale_is_refused_where_expert_outputs_are_normalised():
+    """MuseSpark RMS-normalises every expert's output after its down projection, so a scale folded there would change
+    nothing: an explicit --compensate layer-scale is refused with the reason, and auto does not consider it."""
+    from types import SimpleNamespace
+
+    from zoo import zoo_config
+
+    from fair_moe.core.errors import FairMoeError
+    from fair_moe.strategies.selection import decide_compensation
+    from fair_moe.units import UNIT_KINDS
+
+    layer_scale = COMPENSATIONS.get("layer-scale")
+    assert layer_scale.unavailable(build_model(family_configs()["qwen2_moe"])) is None
+    model = build_model(zoo_config("muse_spark"))
+    assert "post_expert_norm" in layer_scale.unavailable(model)
+    layers = get_adapter(model.config).moe_layers(model)
+    plan = PrunePlan(model_type=model.config.model_type, unit="experts", width=8,
+                     kept={layer.index: list(range(6)) for layer in layers})
+    windows = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = SimpleNamespace(calibration_subset=lambda n: windows, selection_ids=windows)
+    with pytest.raises(FairMoeError, match="--compensate layer-scale cannot be applied.*post_expert_norm"):
+        decide_compensation(model, UNIT_KINDS.get("experts"), plan, scores, "layer-scale")
+    decided = decide_compensation(model, UNIT_KINDS.get("experts"), plan, scores, "auto")
+    assert "layer-scale" in decided.settings["compensation_decision"]["not_considered"]
+    assert all(row["compensation"] != "layer-scale" for row in decided.settings["compensation_decision"]["candidates"])

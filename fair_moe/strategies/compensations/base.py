@@ -52,6 +52,10 @@ class Compensation:
         """Fit for the plan keeping ``kept`` (layer → expert ids); None when there is nothing to change."""
         return None
 
+    def unavailable(self, model: nn.Module) -> str | None:
+        """Why this compensation cannot be expressed in ``model``'s weights (None: it can)."""
+        return None
+
     def parse_options(self, pairs: tuple[str, ...]) -> dict:
         """``("steps=200", …)`` → {name: typed value} over the defaults; a FairMoeError names what is wrong."""
         from fair_moe.core.errors import FairMoeError
@@ -106,9 +110,17 @@ def forward_all(model: nn.Module, input_ids: Tensor, batch_size: int) -> None:
         model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
 
 
-def scale_in_place(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, str], bool]) -> None:
-    """Multiply, in place, every direct parameter of layer l's ``part`` ("router" or "experts") that
-    ``chosen(adapter, name)`` picks by ``factors[l]``."""
+def _layer_tensors(layer, part: str) -> list[tuple[str, object]]:
+    """(name, tensor) of one MoE layer's ``part``: the router side's tensors by block-relative path (router rows,
+    biases, selection biases), or the experts module's own parameters."""
+    if part == "router":
+        return [(path, layer.tensor(path)) for path, _ in layer.router_tensors()]
+    return list(layer.experts.named_parameters(recurse=False))
+
+
+def scale_in_place(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, object, str], bool]) -> None:
+    """Multiply, in place, every tensor of layer l's ``part`` ("router" or "experts") that
+    ``chosen(adapter, config, name)`` picks by ``factors[l]``."""
     import torch
 
     from fair_moe.adapters import get_adapter
@@ -118,13 +130,13 @@ def scale_in_place(model: nn.Module, factors: dict, part: str, chosen: Callable[
         for layer in adapter.moe_layers(model):
             if layer.index not in factors:
                 continue
-            module = layer.router if part == "router" else layer.experts
-            for name, tensor in module.named_parameters(recurse=False):
-                if chosen(adapter, name):
+            for name, tensor in _layer_tensors(layer, part):
+                if chosen(adapter, model.config, name):
                     tensor.mul_(float(factors[layer.index]))
 
 
-def scaling_transform(model: nn.Module, factors: dict, part: str, chosen: Callable[[object, str], bool]) -> Transform:
+def scaling_transform(model: nn.Module, factors: dict, part: str,
+                      chosen: Callable[[object, object, str], bool]) -> Transform:
     """The streaming form of ``scale_in_place``: ``f(key, tensor)`` multiplies the picked tensors of layer l's
     ``part`` by ``factors[l]`` in float32 and casts back to the tensor's dtype. A quantized weight is multiplied
     through its scale tensor (dequantised = payload × scale), its payload copied as it is."""
@@ -133,10 +145,11 @@ def scaling_transform(model: nn.Module, factors: dict, part: str, chosen: Callab
     from fair_moe.core.errors import FairMoeError
 
     adapter = get_adapter(model.config)
+    config = model.config
     factors = {int(k): float(v) for k, v in factors.items()}
 
     def transform(ref, tensor):
-        if ref.part != part or ref.layer not in factors or not chosen(adapter, ref.name):
+        if ref.part != part or ref.layer not in factors or not chosen(adapter, config, ref.target or ref.name):
             return tensor
         if ref.role in (PAYLOAD, AUXILIARY):  # a quantized weight: its scale tensor carries the factor
             return tensor

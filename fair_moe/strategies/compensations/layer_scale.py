@@ -34,6 +34,16 @@ class LayerScale(Compensation):
     auto_candidate = True
     writes = "expert-scale"
 
+    def unavailable(self, model):
+        from fair_moe.adapters import get_adapter
+
+        for layer in get_adapter(model.config).moe_layers(model):
+            inner = [name for name, child in layer.experts.named_children() if any(True for _ in child.parameters())]
+            if inner:
+                return (f"each expert's output passes through {layer.experts.__class__.__name__}.{inner[0]} after "
+                        "the down projection, so a scale folded into the down projection would not reach the output")
+        return None
+
     def fit(self, model, kept, data):
         from fair_moe.units.experts.routing import masked_experts
 
@@ -75,5 +85,5 @@ class LayerScale(Compensation):
             f"{k}: {float(v):.4f}" for k, v in sorted(record.per_layer.items()))
 
 
-def _down_projection(adapter, name: str) -> bool:
+def _down_projection(adapter, config, name: str) -> bool:
     return adapter.is_down_projection(name)

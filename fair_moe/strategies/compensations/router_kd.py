@@ -85,11 +85,13 @@ class RouterKD(Compensation):
         adapter = get_adapter(model.config)
         table = {int(k): v for k, v in record.per_layer.items()}
 
+        router_prefix = adapter.structure(model.config).router_path + "."
+
         def transform(ref, tensor):
             entry = table.get(ref.layer)
-            if ref.part != "router" or entry is None or adapter.is_selection_bias(ref.name):
+            if ref.part != "router" or entry is None or not adapter.is_logit_tensor(model.config, ref.name):
                 return tensor
-            name = ref.name.rsplit(".", 1)[-1]
+            name = ref.name.removeprefix(router_prefix)
             if name not in entry:
                 return tensor
             out = tensor.clone()
@@ -129,15 +131,15 @@ class RouterRows:
         self.scale: dict[int, float] = {}
         for layer in self.layers:
             ids = torch.tensor(self.kept[layer.index])
-            names = [n for n in self.adapter.router_tensor_names(layer.router, layer.num_experts)
-                     if n in layer.router._parameters and not self.adapter.is_selection_bias(n)]
+            prefix = layer.structure.router_path + "."
+            names = [p.removeprefix(prefix) for p in layer.logit_tensors()]  # router-relative
             self.params[layer.index] = {
-                n: torch.nn.Parameter(getattr(layer.router, n).detach()[ids].float().clone()) for n in names}
-            self.scale[layer.index] = layer.router.weight.detach().float().pow(2).mean().sqrt().item()
+                n: torch.nn.Parameter(layer.router.get_parameter(n).detach()[ids].float().clone()) for n in names}
+            self.scale[layer.index] = layer.logits_weight().detach().float().pow(2).mean().sqrt().item()
 
     def full(self, layer, name: str):
         """The router's full tensor ``name`` [E, …] with the kept rows taken from the trainable masters."""
-        base = getattr(layer.router, name).detach()
+        base = layer.router.get_parameter(name).detach()
         ids = torch.tensor(self.kept[layer.index], device=base.device)
         return base.index_put((ids,), self.params[layer.index][name].to(base.dtype))
 
@@ -230,26 +232,25 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
     totals: dict = {}
     with _frozen(model):
         for layer in rows.layers:
-            x, y = captured_train[layer.index]
-            hx, hy = captured_held[layer.index]
+            train_part, held_part = captured_train[layer.index], captured_held[layer.index]
             removed = torch.ones(layer.num_experts, dtype=torch.bool)
             removed[rows.kept[layer.index]] = False
             gen = torch.Generator().manual_seed(seed + layer.index)
-            step_tokens = max(256, min(2048, len(x)))
+            tokens = len(train_part.x)
+            step_tokens = max(256, min(2048, tokens))
 
-            def batches(x=x, y=y, gen=gen, size=step_tokens):
+            def batches(tokens=tokens, gen=gen, size=step_tokens):
                 while True:
-                    order = torch.randperm(len(x), generator=gen)
+                    order = torch.randperm(tokens, generator=gen)
                     for i in range(0, len(order), size):
-                        yield x[order[i : i + size]], y[order[i : i + size]]
+                        yield order[i : i + size]
 
-            def loss_on(batch, layer=layer, removed=removed):
-                bx, by = batch
-                return _layer_error(rows, layer, removed, bx, by)
+            def loss_on(batch, layer=layer, removed=removed, part=train_part):
+                return _layer_error(rows, layer, removed, part, batch)
 
-            def held_loss(layer=layer, removed=removed, hx=hx, hy=hy):
+            def held_loss(layer=layer, removed=removed, part=held_part):
                 with torch.no_grad():
-                    return _layer_error(rows, layer, removed, hx, hy).item()
+                    return _layer_error(rows, layer, removed, part, torch.arange(len(part.x))).item()
 
             history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches(), loss_on, held_loss,
                                 options, tqdm, f"router KD, layer {layer.index}")
@@ -258,42 +259,72 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
     return totals
 
 
-def _layer_error(rows: RouterRows, layer, removed, x, y) -> torch.Tensor:
-    """Mean squared error of the layer's routed output under the trained rows against the dense output."""
+def _layer_error(rows: RouterRows, layer, removed, captured, batch) -> torch.Tensor:
+    """Mean squared error of the layer's routed output under the trained rows against the dense output, on the
+    captured rows ``batch`` (indices)."""
+    from fair_moe.units.experts.routing import route
+
+    x, y = captured.x[batch], captured.y[batch]
+    router_in = x if captured.router_x is None else captured.router_x[batch]
+    if captured.router_dims == 3:
+        router_in = router_in.unsqueeze(0)
     subs = {name: rows.full(layer, name) for name in rows.params[layer.index]}
-    out = torch.func.functional_call(layer.router, subs, (x,), strict=False)
-    logits = rows.adapter.router_logits(out)
-    weights, ids = rows.adapter.route(layer.router, logits, removed)
+    weights, ids = route(layer, (router_in, *captured.extra_args), captured.extra_kwargs, removed, parameters=subs)
     y_hat = layer.experts(x, ids, weights.to(x.dtype))
     return (y_hat.float() - y.float()).pow(2).mean()
 
 
+class Captured:
+    """One layer's captured tokens: experts input ``x [N, H]``, dense routed output ``y [N, H]``, the router's own
+    input rows when they differ from ``x`` (``router_x``, with the rank it was called with), and the router's other
+    arguments (constant tensors such as a selection bias the block passes in)."""
+
+    def __init__(self):
+        self.xs, self.ys, self.router_xs = [], [], []
+        self.router_dims, self.extra_args, self.extra_kwargs = 2, (), {}
+        self.x = self.y = self.router_x = None
+
+    def add(self, call) -> None:
+        hidden = call.hidden_states.detach()
+        router_in = call.router.args[0].detach() if call.router.args else hidden
+        self.router_dims = router_in.dim()
+        self.extra_args, self.extra_kwargs = tuple(call.router.args[1:]), dict(call.router.kwargs)
+        router_rows = router_in.reshape(-1, router_in.shape[-1])
+        self.xs.append(hidden.float().cpu())
+        self.ys.append(call.unmasked_output().detach().float().cpu())
+        self.router_xs.append(None if torch.equal(router_rows, hidden) else router_rows.float().cpu())
+
+    def finish(self, max_tokens: int, gen, device) -> Captured:
+        x, y = torch.cat(self.xs), torch.cat(self.ys)
+        router_x = None if all(r is None for r in self.router_xs) else \
+            torch.cat([r if r is not None else h for r, h in zip(self.router_xs, self.xs, strict=True)])
+        pick = torch.randperm(len(x), generator=gen)[:max_tokens] if len(x) > max_tokens else None
+        if pick is not None:
+            x, y = x[pick], y[pick]
+            router_x = router_x[pick] if router_x is not None else None
+        self.x, self.y = x.to(device), y.to(device)
+        self.router_x = router_x.to(device) if router_x is not None else None
+        self.xs = self.ys = self.router_xs = []
+        return self
+
+
 def _capture(model, rows: RouterRows, windows, batch_size, max_tokens, seed) -> dict:
-    """Per trained layer, (experts input [N, H], dense routed output [N, H]) from one pass of the pruned model."""
+    """Per trained layer, its ``Captured`` tokens from one pass of the pruned model."""
     from fair_moe.strategies.compensations.base import forward_all
     from fair_moe.units.experts.routing import masked_experts
 
-    store: dict = {layer.index: ([], []) for layer in rows.layers}
+    store: dict = {layer.index: Captured() for layer in rows.layers}
 
     def tap(call):
         if call.layer.index in store:
-            xs, ys = store[call.layer.index]
-            xs.append(call.hidden_states.detach().float().cpu())
-            ys.append(call.unmasked_output().detach().float().cpu())
+            store[call.layer.index].add(call)
         return None
 
     with torch.no_grad(), masked_experts(model, rows.kept, tap):
         forward_all(model, windows, batch_size)
     gen = torch.Generator().manual_seed(seed)
-    result = {}
-    for index, (xs, ys) in store.items():
-        x, y = torch.cat(xs), torch.cat(ys)
-        if len(x) > max_tokens:
-            pick = torch.randperm(len(x), generator=gen)[:max_tokens]
-            x, y = x[pick], y[pick]
-        device = next(rows.layers[[la.index for la in rows.layers].index(index)].experts.parameters()).device
-        result[index] = (x.to(device), y.to(device))
-    return result
+    return {layer.index: store[layer.index].finish(max_tokens, gen, next(layer.experts.parameters()).device)
+            for layer in rows.layers}
 
 
 def _optimise(rows: RouterRows, optimiser, batches, loss_on, held_loss, options, tqdm, desc="router KD") -> dict:
@@ -331,7 +362,7 @@ def _targets(model, record):
         ids = torch.tensor(entry["kept"])
         for name, value in entry.items():
             if name != "kept":
-                yield getattr(router, name), ids, value
+                yield router.get_parameter(name), ids, value
 
 
 @contextlib.contextmanager

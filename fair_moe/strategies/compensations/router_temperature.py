@@ -8,8 +8,6 @@ the masked original with each router's logits multiplied by t.
 
 from __future__ import annotations
 
-import contextlib
-
 from fair_moe.core.lazy import lazy_module
 from fair_moe.core.plan import CompensationRecord
 from fair_moe.strategies.compensations.base import (
@@ -40,8 +38,8 @@ class RouterTemperature(Compensation):
             pruned = call.output()
             full = call.unmasked_output().double()
             for n, t in enumerate(grid):
-                weights, ids = call.adapter.route(call.layer.router, call.router.logits * t, call.router.removed)
-                tried = call.run(call.hidden_states, ids, weights.to(call.weights.dtype)).double()
+                weights, ids = call.routing(scale=t)
+                tried = call.run(call.hidden_states, ids, weights).double()
                 errors[call.layer.index][n] += ((full - tried) ** 2).sum().item()
             return pruned
 
@@ -50,25 +48,10 @@ class RouterTemperature(Compensation):
         temperatures = {index: float(grid[int(torch.argmin(err))]) for index, err in errors.items()}
         return CompensationRecord(self.name, temperatures, {"fit_windows": len(data.windows)})
 
-    @contextlib.contextmanager
     def reference(self, model, record):
-        from fair_moe.adapters import get_adapter
+        from fair_moe.units.experts.routing import scaled_routers
 
-        adapter = get_adapter(model.config)
-
-        def hook_for(t: float):
-            def hook(router, args, output):
-                logits = adapter.router_logits(output) * t
-                return adapter.replace_router_output(output, logits, *adapter.route(router, logits, None))
-
-            return hook
-
-        with contextlib.ExitStack() as stack:
-            for layer in adapter.moe_layers(model):
-                if layer.index in record.per_layer:
-                    handle = layer.router.register_forward_hook(hook_for(float(record.per_layer[layer.index])))
-                    stack.callback(handle.remove)
-            yield
+        return scaled_routers(model, {int(k): float(v) for k, v in record.per_layer.items()})
 
     def fold(self, model, record):
         scale_in_place(model, record.per_layer, "router", _logit_tensor)
@@ -81,6 +64,6 @@ class RouterTemperature(Compensation):
             f"{k}: {float(v):.2f}" for k, v in sorted(record.per_layer.items()))
 
 
-def _logit_tensor(adapter, name: str) -> bool:
-    """Router weight and bias make the logits; a selection bias (not a parameter in memory) does not."""
-    return not adapter.is_selection_bias(name)
+def _logit_tensor(adapter, config, name: str) -> bool:
+    """Router weight and bias make the logits; a selection bias or a per-expert output scale does not."""
+    return adapter.is_logit_tensor(config, name)

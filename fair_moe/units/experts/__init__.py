@@ -41,6 +41,9 @@ class ExpertsUnit(UnitKind):
 
         return get_adapter(config)
 
+    def auto_class_for(self, config) -> str:
+        return self.adapter(config).auto_class(config)
+
     def check_config(self, config) -> None:
         if not self.adapter(config).moe_layer_indices(config):
             raise FairMoeError(f"the model ({config.model_type}) has no MoE layers to prune")
@@ -97,14 +100,12 @@ class ExpertsUnit(UnitKind):
         dense = super().output_bytes(model, plan, save_dtype)
         size = torch.finfo(save_dtype).bits // 8 if save_dtype is not None and save_dtype.is_floating_point else 4
         adapter = self.adapter(model.config)
+        structure = adapter.structure(model.config)
         removed = 0
         for layer in adapter.moe_layers(model):
-            per_expert = sum(getattr(module, name).numel() // layer.num_experts
-                             for module, names in ((layer.router, adapter.router_tensor_names(layer.router,
-                                                                                                 layer.num_experts)),
-                                                   (layer.experts, adapter.expert_tensor_names(layer.experts,
-                                                                                              layer.num_experts)))
-                             for name in names)
+            tensors = [layer.tensor(path) for path, _ in structure.router_tensors]
+            tensors += [getattr(layer.experts, name) for name in structure.expert_tensors]
+            per_expert = sum(t.numel() // layer.num_experts for t in tensors)
             removed += per_expert * size * (layer.num_experts - len(plan.kept[layer.index]))
         return dense - removed
 
@@ -115,7 +116,7 @@ class ExpertsUnit(UnitKind):
         from fair_moe.units.experts.keys import ExpertKeyRewriter
         from fair_moe.units.experts.rewrite import MODELING_FILE, modeling_source
 
-        rewriter = ExpertKeyRewriter(plan, self.adapter(model.config), transform, quantized)
+        rewriter = ExpertKeyRewriter(plan, self.adapter(model.config), transform, quantized, model.config)
         stats = stream_rewrite(source, folder, rewriter, max_shard_bytes, progress)
         rewriter.check_complete()
         if not plan.is_uniform:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from fair_moe.adapters.base import FusedExpertsAdapter
@@ -11,12 +9,11 @@ from fair_moe.core.budget import Budget, UnitLayout
 
 
 def meta_model(config, trust_remote_code: bool = False):
-    """The model built on the meta device: shapes without memory."""
-    from transformers import AutoModelForCausalLM
+    """The model built on the meta device with its own Auto class: shapes without memory."""
+    from fair_moe.adapters import get_adapter
+    from fair_moe.adapters.structure import meta_model as build
 
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return build(config, get_adapter(config).auto_class(config), trust_remote_code)
 
 
 def _gib(n_bytes: float) -> str:

@@ -36,9 +36,10 @@ class ExpertKeyRewriter:
     """Decides, key by key, what a source tensor becomes in the pruned checkpoint."""
 
     def __init__(self, plan: PrunePlan, adapter: FusedExpertsAdapter, transform: Transform | None = None,
-                 quantized: QuantFormat | None = None):
+                 quantized: QuantFormat | None = None, config=None):
         self.plan = plan
         self.adapter = adapter
+        self.config = config
         self.user_transform = transform
         self.quantized = quantized
         self.kept = {layer: sorted(ids) for layer, ids in plan.kept.items()}
@@ -49,7 +50,7 @@ class ExpertKeyRewriter:
 
     def __call__(self, key: str, load: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
         """(new key, tensor) or None to drop; ``load()`` reads the source tensor only when needed."""
-        ref = self.adapter.classify_key(key)
+        ref = self.adapter.classify_key(key, self.config, encoded_weight if self.quantized is not None else None)
         if ref is None or ref.layer not in self.kept:
             return key, load()
         layer = ref.layer
@@ -66,10 +67,10 @@ class ExpertKeyRewriter:
                                    f"not the expert count {self.plan.width}")
             self.fused_seen[layer] += 1
             return key, self.transform(ref, tensor).index_select(0, keep)
-        if tensor.shape[0] != self.plan.width:
+        if tensor.dim() <= ref.axis or tensor.shape[ref.axis] != self.plan.width:
             return key, tensor
         self.routers_seen[layer] += 1
-        return key, self.transform(ref, tensor).index_select(0, keep)
+        return key, self.transform(ref, tensor).index_select(ref.axis, keep)
 
     def transform(self, ref: CheckpointKey, tensor: torch.Tensor) -> torch.Tensor:
         """The compensation's change of one source tensor, told what the tensor is in a quantized format."""

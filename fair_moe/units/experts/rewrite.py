@@ -18,6 +18,7 @@ from torch import nn
 
 from fair_moe.adapters import get_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.adapters.structure import text_config
 from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
@@ -25,15 +26,15 @@ from fair_moe.units.base import MODELING_FILE, keep_architectures, modeling_file
 from fair_moe.units.experts import UNEVEN_CLASS, modeling_template
 
 
-def _slice_module(module: nn.Module, names: list[str], keep: torch.Tensor) -> None:
-    for name in names:
-        if name in module._parameters:
-            old = module._parameters[name]
-            new = old.detach().index_select(0, keep.to(old.device)).clone()
-            module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
-        else:
-            old = module._buffers[name]
-            module._buffers[name] = old.index_select(0, keep.to(old.device)).clone()
+def _slice_tensor(module: nn.Module, name: str, keep: torch.Tensor, axis: int = 0) -> None:
+    """Keep ``keep`` along ``axis`` of one direct parameter or buffer of ``module``."""
+    if name in module._parameters:
+        old = module._parameters[name]
+        new = old.detach().index_select(axis, keep.to(old.device)).clone()
+        module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        old = module._buffers[name]
+        module._buffers[name] = old.index_select(axis, keep.to(old.device)).clone()
 
 
 def check_plan(model: nn.Module, plan: PrunePlan) -> None:
@@ -52,61 +53,67 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
             )
 
 
+def set_count_attributes(block: nn.Module, paths, count: int) -> None:
+    """Every module attribute that caches a layer's expert count (block-relative paths) set to ``count``."""
+    for path in paths:
+        module_path, _, attr = path.rpartition(".")
+        module = block.get_submodule(module_path) if module_path else block
+        setattr(module, attr, count)
+
+
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Slice ``model`` in place to the plan and update its config. Returns the same model."""
     check_plan(model, plan)
     adapter = get_adapter(model.config)
+    structure = adapter.structure(model.config)
     layout = layout_of(model)
-    per_layer_config = not plan.is_uniform
+    text = text_config(model.config)
     for layer in adapter.moe_layers(model):
         kept = sorted(plan.kept[layer.index])
         keep = torch.tensor(kept, dtype=torch.long)
-        for module, names in ((layer.router, layout["router_tensors"]), (layer.experts, layout["experts_tensors"])):
-            _slice_module(module, names, keep)
-            for attr in adapter.count_attributes:
-                if hasattr(module, attr):
-                    setattr(module, attr, len(kept))
-            if per_layer_config and getattr(module, "config", None) is model.config:
-                module.config = copy.copy(model.config)
-                adapter.set_count(module.config, len(kept))
-    for attr in adapter.count_attributes:
-        if isinstance(getattr(model, attr, None), int):
-            setattr(model, attr, max(plan.kept_counts.values()))
+        for path, axis in structure.router_tensors:
+            module, name = layer.owner(path)
+            _slice_tensor(module, name, keep, axis)
+        for name in structure.expert_tensors:
+            _slice_tensor(layer.experts, name, keep)
+        set_count_attributes(layer.block, structure.count_attributes, len(kept))
+        if not plan.is_uniform:
+            for module in (layer.block, layer.router, layer.experts):
+                if getattr(module, "config", None) is text:  # a module that reads the count from the config
+                    module.config = copy.copy(text)
+                    for field in structure.count_fields:
+                        setattr(module.config, field, len(kept))
+    for attr in structure.model_count_attributes:
+        setattr(model, attr, max(plan.kept_counts.values()))
     update_config(model.config, plan, layout)
     return model
 
 
 def update_config(config, plan: PrunePlan, layout: dict) -> None:
-    """Expert count field = the largest kept count; uneven plans add per-layer counts, layout and auto_map."""
+    """Expert count fields = the largest kept count; uneven plans add per-layer counts, layout and auto_map."""
     adapter = get_adapter(config)
     counts = plan.kept_counts
+    auto_class = adapter.auto_class(config)
     adapter.set_count(config, max(counts.values()))
     if not plan.is_uniform:
         config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
         config.fair_moe_layout = layout
-        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{UNEVEN_CLASS}"}
+        config.auto_map = {auto_class: f"{MODELING_FILE[:-3]}.{UNEVEN_CLASS}"}
         # A loader that ignores auto_map (vLLM, SGLang, TGI) must not take this for the stock architecture.
         config.architectures = [UNEVEN_CLASS]
 
 
 def layout_of(model: nn.Module) -> dict:
-    """Module names and per-expert tensor names the per-layer modeling file needs (read from the first MoE
-    layer, whose expert count is the config's count until ``update_config`` changes it)."""
-    adapter = get_adapter(model.config)
-    return _layout(adapter, model, adapter.num_experts(model.config))
-
-
-def _layout(adapter: FusedExpertsAdapter, model: nn.Module, num_experts: int) -> dict:
-    first = adapter.moe_layers(model)[0]
+    """Where the per-layer modeling file finds each MoE block's tensors and count attributes (paths)."""
+    structure = get_adapter(model.config).structure(model.config)
     return {
-        "layers_path": adapter.layers_path,
-        "block_attr": adapter.block_attr,
-        "router_attr": adapter.router_attr,
-        "experts_attr": adapter.experts_attr,
-        "router_tensors": adapter.router_tensor_names(first.router, num_experts),
-        "experts_tensors": adapter.expert_tensor_names(first.experts, num_experts),
-        "count_attributes": list(adapter.count_attributes),
-        "count_field": adapter.count_field,
+        "layers_path": structure.layers_path,
+        "block_path": structure.block_path,
+        "router_tensors": [[path, axis] for path, axis in structure.router_tensors],
+        "experts_path": structure.experts_path,
+        "experts_tensors": list(structure.expert_tensors),
+        "count_attributes": list(structure.count_attributes),
+        "count_fields": list(structure.count_fields),
     }
 
 

@@ -1,13 +1,15 @@
 """The reference every pruned MoE must equal: the original with removed experts unreachable, plus taps.
 
-Inside ``masked_experts`` each router's real logits are kept and the top-k weights and ids are
-recomputed the way the family's router computes them, with the removed experts' logits (and, for
-routers with a selection bias, their selection scores) at -inf.
+Nothing about routing is re-implemented. Inside ``masked_experts`` each router runs its own forward under an
+``ExpertMask``: the operation that makes its logits from its ``[E, H]`` weight has the removed experts' columns
+set to -inf, and so has every operation that adds a selection bias (``e_score_correction_bias``, ``expert_bias``)
+to scores — which is exactly what slicing those experts out of the router does, whatever the router then computes
+(softmax or sigmoid, group-limited selection, sparsemixer, renormalisation, scaling factors).
 
-A ``tap`` sees every call of a layer's experts module as an ``ExpertsCall``: the hidden states, the
-masked routing the model passes, the router's own logits and unmasked routing, and ``run`` to call the
-experts module's own forward with any ids and weights. Compensations fit themselves through taps, so
-no state is ever stored on a router or an experts module.
+A ``tap`` sees every call of a layer's experts module as an ``ExpertsCall``: the hidden states, the masked routing
+the model passes, the router's own unmasked routing for the same tokens, and ``run`` to call the experts module's
+own forward with any ids and weights. Compensations fit themselves through taps, so no state is ever stored on a
+router or an experts module.
 """
 
 from __future__ import annotations
@@ -15,24 +17,137 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fair_moe.adapters import get_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter, MoELayer
+from fair_moe.adapters.structure import Unsupported
+
+
+def _tensors_in(args, kwargs) -> list[torch.Tensor]:
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+FILL_OPS = frozenset({torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.masked_fill_, torch.where})
+
+
+class ExpertMask(TorchFunctionMode):
+    """While active: an operation that combines the router's logits weight with another tensor (the logits) has its
+    output multiplied by ``scale`` and, like an operation that adds a selection bias to scores, its removed experts'
+    columns (last axis, ``[…, E]``) set to -inf. Casts, views and transposes of those tensors are followed, and a
+    fill of masked scores (a group-limited router setting the experts of unselected groups to 0) keeps the removed
+    experts at -inf, as they are absent from the pruned router.
+
+    The tensors are looked up through ``weights()`` / ``biases()`` at every operation, so a weight that accelerate
+    or ``functional_call`` swaps in while the router runs is the one followed."""
+
+    def __init__(self, weights: Callable[[], list[torch.Tensor]], biases: Callable[[], list[torch.Tensor]],
+                 num_experts: int, removed: torch.Tensor | None, scale: float = 1.0):
+        super().__init__()
+        self.weights, self.biases = weights, biases
+        self.num_experts = num_experts
+        self.removed = removed
+        self.scale = scale
+        self.weight_views: dict[int, torch.Tensor] = {}
+        self.bias_views: dict[int, torch.Tensor] = {}
+        self.masked: dict[int, torch.Tensor] = {}
+        self.changed = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        weights = {id(t) for t in self.weights()} | set(self.weight_views)
+        biases = {id(t) for t in self.biases()} | set(self.bias_views)
+        inputs = _tensors_in(args, kwargs)
+        from_weight = [t for t in inputs if id(t) in weights]
+        from_bias = [t for t in inputs if id(t) in biases]
+        if not from_weight and not from_bias:
+            if func in FILL_OPS and any(id(t) in self.masked for t in inputs) and self.removed is not None \
+                    and out.dim() > 0 and out.shape[-1] == self.num_experts:
+                out = out.masked_fill(self.removed.to(out.device), float("-inf"))
+                self.masked[id(out)] = out
+            return out
+        others = [t for t in inputs if id(t) not in weights and id(t) not in biases]
+        if not others:  # a cast, view or copy of the weight or of a selection bias
+            views = self.weight_views if from_weight else self.bias_views
+            views[id(out)] = out
+            return out
+        if out.dim() == 0 or out.shape[-1] != self.num_experts:
+            return out
+        if from_weight and self.scale != 1.0:
+            out = out * self.scale
+        if self.removed is not None:
+            out = out.masked_fill(self.removed.to(out.device), float("-inf"))
+            self.masked[id(out)] = out
+        self.changed += 1
+        return out
+
+
+def expert_mask(layer: MoELayer, removed: torch.Tensor | None, scale: float = 1.0,
+                parameters: dict | None = None) -> ExpertMask:
+    """The mask for one layer's router: its logits weight (or the one in ``parameters``, router-relative names, as
+    ``functional_call`` substitutes it) and its selection biases."""
+    weight_path = layer.structure.logits_weight
+    router_prefix = layer.structure.router_path + "."
+
+    def weights():
+        if parameters and weight_path.removeprefix(router_prefix) in parameters:
+            return [parameters[weight_path.removeprefix(router_prefix)]]
+        return [layer.logits_weight()]
+
+    return ExpertMask(weights, layer.selection_biases, layer.num_experts, removed, scale)
+
+
+def routing_of(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, top-k ids) [T, k] out of whatever a router's forward returned: the integer tensor whose last
+    axis is top_k, and the floating-point tensor of the same shape."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1 and t.shape[-1] == top_k]
+    weights = [t for t in tensors if t.is_floating_point() and ids and t.shape == ids[0].shape]
+    if not ids or not weights:
+        raise Unsupported("the router does not return its top-k ids and weights (it returned "
+                          f"{[tuple(t.shape) for t in tensors]}): fair_moe cannot follow its routing")
+    return weights[0], ids[0]
+
+
+def route(layer: MoELayer, args: tuple, kwargs: dict, removed: torch.Tensor | None = None, scale: float = 1.0,
+          parameters: dict | None = None, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's own forward (``forward``, default its current one) on ``args`` with removed experts unreachable
+    and logits × ``scale`` (with ``parameters`` substituted for its own, router-relative names, differentiably):
+    (weights, ids) [T, k]."""
+    forward = forward or layer.router.forward
+    with expert_mask(layer, removed, scale, parameters):
+        if parameters:
+            output = torch.func.functional_call(layer.router, parameters, args, kwargs, strict=False)
+        else:
+            output = forward(*args, **kwargs)
+    return routing_of(output, layer.top_k)
 
 
 @dataclass
 class RouterState:
-    """What one router call produced: logits [T, E], its own (unmasked) top-k weights and ids [T, k], and the
-    removed-expert mask [E] the masked routing used (None when nothing is removed)."""
+    """What one router call saw and produced: its arguments, its own (unmasked) top-k weights and ids [T, k] (when
+    a tap needs them), and the removed-expert mask [E] the masked routing used (None when nothing is removed)."""
 
-    logits: torch.Tensor | None = None
+    removed: torch.Tensor | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
     weights: torch.Tensor | None = None
     ids: torch.Tensor | None = None
-    removed: torch.Tensor | None = None
+    forward: Callable | None = None  # the router's forward before it was patched
 
 
 @dataclass
@@ -56,8 +171,20 @@ class ExpertsCall:
         """The experts output [T, H] under the router's own routing (every expert reachable)."""
         return self.run(self.hidden_states, self.router.ids, self.router.weights.to(self.weights.dtype))
 
+    def routing(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids) of the router on the same tokens with its logits × ``scale`` and the same experts removed."""
+        weights, ids = route(self.layer, self.router.args, self.router.kwargs, self.router.removed, scale,
+                             forward=self.router.forward)
+        return weights.to(self.weights.dtype), ids
+
 
 Tap = Callable[[ExpertsCall], "torch.Tensor | None"]
+
+
+def removed_mask(layer: MoELayer, kept: list[int]) -> torch.Tensor:
+    removed = torch.ones(layer.num_experts, dtype=torch.bool)
+    removed[list(kept)] = False
+    return removed
 
 
 @contextlib.contextmanager
@@ -72,29 +199,46 @@ def masked_experts(model: nn.Module, kept: dict[int, list[int]] | None, tap: Tap
         for layer in adapter.moe_layers(model):
             if kept is not None and layer.index not in kept:
                 continue
-            removed = None
-            if kept is not None:
-                removed = torch.ones(layer.num_experts, dtype=torch.bool)
-                removed[list(kept[layer.index])] = False
-            state = RouterState(removed=removed)
-            handle = layer.router.register_forward_hook(_mask_hook(adapter, state))
-            stack.callback(handle.remove)
+            state = RouterState(removed=None if kept is None else removed_mask(layer, kept[layer.index]))
+            stack.enter_context(patched_forward(layer.router, _masked_router_forward(layer, state, tap is not None)))
             if tap is not None:
                 stack.enter_context(patched_forward(layer.experts, _tapped_forward(layer, adapter, state, tap)))
         yield
 
 
-def _mask_hook(adapter: FusedExpertsAdapter, state: RouterState):
-    def hook(router, args, output):
-        logits = adapter.router_logits(output)
-        state.logits = logits
-        state.weights, state.ids = adapter.route(router, logits, None)
-        if state.removed is None:
-            return None
-        weights, ids = adapter.route(router, logits, state.removed)
-        return adapter.replace_router_output(output, logits, weights, ids)
+@contextlib.contextmanager
+def scaled_routers(model: nn.Module, scales: dict[int, float]) -> Iterator[None]:
+    """Every listed layer's router logits × its scale (a temperature) for the duration of the block."""
+    adapter = get_adapter(model.config)
+    with contextlib.ExitStack() as stack:
+        for layer in adapter.moe_layers(model):
+            if layer.index in scales:
+                original = layer.router.forward
 
-    return hook
+                def forward(self, *args, _layer=layer, _original=original, _scale=float(scales[layer.index]),
+                            **kwargs):
+                    with expert_mask(_layer, None, _scale):
+                        return _original(*args, **kwargs)
+
+                stack.enter_context(patched_forward(layer.router, forward))
+        yield
+
+
+def _masked_router_forward(layer: MoELayer, state: RouterState, need_unmasked: bool):
+    original = state.forward = layer.router.forward
+
+    def forward(self, *args, **kwargs):
+        state.args, state.kwargs = args, kwargs
+        if need_unmasked or state.removed is None:
+            output = original(*args, **kwargs)
+            if need_unmasked:
+                state.weights, state.ids = routing_of(output, layer.top_k)
+            if state.removed is None:
+                return output
+        with expert_mask(layer, state.removed):
+            return original(*args, **kwargs)
+
+    return forward
 
 
 def _tapped_forward(layer: MoELayer, adapter: FusedExpertsAdapter, state: RouterState, tap: Tap):

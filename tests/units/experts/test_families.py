@@ -1,20 +1,22 @@
 """Every supported family on a tiny random config: real routing, signals, exact budgets, round trips."""
 
+import contextlib
 import copy
 import random
 
 import pytest
 import torch
+import transformers
 from conftest import CharTokenizer, build_model
-from families import family_configs, grouped_uneven_plan
-from transformers import AutoModelForCausalLM
+from families import all_configs, grouped_uneven_plan
 
 from fair_moe import PlanSettings, apply_plan, compute_scores, make_plan, save_pruned
 from fair_moe.adapters import get_adapter, supported_model_types
 from fair_moe.calibration.text import CalibrationSource
-from fair_moe.units.experts.routing import masked_experts
+from fair_moe.units.experts.routing import masked_experts, patched_forward, route, routing_of
 
-FAMILIES = list(family_configs())
+CONFIGS = all_configs()
+FAMILIES = list(CONFIGS)
 IDS = torch.randint(1, 97, (2, 15), generator=torch.Generator().manual_seed(11))
 
 
@@ -27,7 +29,7 @@ def _sources():
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     """(model, scores) for one family; scores from one short calibration pass."""
-    model = build_model(family_configs()[request.param], seed=3)
+    model = build_model(CONFIGS[request.param], seed=3)
     scores = compute_scores(model, CharTokenizer(), _sources(), samples=4, seq_len=24, batch_size=2, progress=False)
     return request.param, model, scores
 
@@ -37,24 +39,17 @@ def _logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def test_every_required_family_is_registered():
+def test_every_family_in_the_matrix_is_listed():
     assert set(FAMILIES) <= set(supported_model_types())
 
 
-def test_route_reproduces_the_stock_router(family):
+def test_removing_nothing_changes_nothing(family):
+    """The mask with every expert kept runs each router's own code untouched: the logits are bit for bit the same."""
     _, model, _ = family
-    adapter = get_adapter(model.config)
-    seen = []
-    handles = [layer.router.register_forward_hook(lambda m, a, out: seen.append((m, out)))
-               for layer in adapter.moe_layers(model)]
-    _logits(model)
-    for h in handles:
-        h.remove()
-    assert seen
-    for router, out in seen:
-        weights, ids = adapter.route(router, adapter.router_logits(out), None)
-        assert torch.equal(ids, out[2])
-        torch.testing.assert_close(weights, out[1], rtol=0, atol=0)
+    layers = get_adapter(model.config).moe_layers(model)
+    with masked_experts(model, {layer.index: list(range(layer.num_experts)) for layer in layers}):
+        masked = _logits(model)
+    assert torch.equal(masked, _logits(model))
 
 
 def test_frequency_is_the_models_own_topk_counts(family):
@@ -68,8 +63,9 @@ def test_frequency_is_the_models_own_topk_counts(family):
     counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
 
     def count(i):
-        def hook(module, args, out) -> None:  # the router's own top-k ids, out = (logits, weights, ids)
-            counts[i].index_add_(0, out[2].flatten(), torch.ones(out[2].numel(), dtype=torch.float64))
+        def hook(module, args, out) -> None:  # the router's own top-k ids
+            ids = routing_of(out, layers[i].top_k)[1]
+            counts[i].index_add_(0, ids.flatten(), torch.ones(ids.numel(), dtype=torch.float64))
 
         return hook
 
@@ -86,23 +82,45 @@ def test_frequency_is_the_models_own_topk_counts(family):
 
 
 def test_taylor_matches_parameter_autograd(family):
-    """R = |Σ ∂L/∂W ⊙ W| over each expert's down projection (weight and, for GPT-OSS, its bias)."""
+    """R = |Σ ∂L/∂W ⊙ W| over each expert's down projection (weight and, for GPT-OSS, its bias), where an expert's
+    output is linear in its down projection; where it is not (MuseSpark RMS-normalises each expert's output, so that
+    sum is 0 by construction), R is the same first-order estimate of removing the expert's routed output, checked
+    against autograd through a per-expert multiplier on the routing weights."""
     _, model, scores = family
     from fair_moe.calibration.text import make_batches
 
     batches = make_batches(CharTokenizer(), _sources(), samples=4, seq_len=24, batch_size=2, seed=0)
+    layers = get_adapter(model.config).moe_layers(model)
+    normalised = any(hasattr(layer.experts, "post_expert_norm") for layer in layers)
+    multipliers = [torch.ones(layer.num_experts, dtype=torch.float64, requires_grad=True) for layer in layers]
     model.zero_grad()
-    for _, ids in batches:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    with contextlib.ExitStack() as stack:
+        if normalised:
+            for layer, s in zip(layers, multipliers, strict=True):
+                stack.enter_context(patched_forward(layer.experts, _scaled_routing(layer.experts.forward, s)))
+        for _, ids in batches:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     reference = []
-    for layer in get_adapter(model.config).moe_layers(model):
+    for layer, s in zip(layers, multipliers, strict=True):
         experts = layer.experts
+        if normalised:
+            reference.append(s.grad.abs())
+            continue
         total = (experts.down_proj.grad.double() * experts.down_proj.detach().double()).flatten(1).sum(1)
         if hasattr(experts, "down_proj_bias"):
             total += (experts.down_proj_bias.grad.double() * experts.down_proj_bias.detach().double()).sum(1)
         reference.append(total.abs())
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(scores.protection, torch.stack(reference), rtol=1e-4, atol=1e-10)
+
+
+def _scaled_routing(original, multiplier):
+    """An experts forward whose routing weights are multiplied by ``multiplier[expert]`` (a leaf of ones)."""
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        scaled = top_k_weights * multiplier[top_k_index].to(top_k_weights.dtype)
+        return original(hidden_states, top_k_index, scaled, *args, **kwargs)
+
+    return forward
 
 
 @pytest.mark.parametrize("budget", [0.25, 0.5])
@@ -133,7 +151,8 @@ def test_round_trip_equals_masked_original(family, kind, tmp_path):
     assert (reference - _logits(model)).abs().max() > 1e-4  # the mask changes the output
     save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan)
     stock = plan.is_uniform
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=not stock, dtype=torch.float32)
+    auto = getattr(transformers, get_adapter(model.config).auto_class(model.config))
+    reloaded = auto.from_pretrained(tmp_path, trust_remote_code=not stock, dtype=torch.float32)
     if stock:
         assert type(reloaded) is type(model)  # stock class, no remote code
     assert (_logits(reloaded) - reference).abs().max().item() < 1e-4
@@ -151,58 +170,39 @@ def test_grouped_budget_that_empties_groups_is_refused(family):
         make_plan(scores, PlanSettings(budget=0.75, allocation="uniform"))
 
 
-def _router_output_with_removed(router, adapter, hidden, removed):
-    """The router's own forward with the removed experts made unreachable where its own computation allows it:
-    a selection bias of -inf where the router has one, else -inf added to the logits its linear layer makes."""
-    import contextlib
-
-    import torch.nn.functional as F
-
-    if hasattr(router, "e_score_correction_bias"):
-        bias = router.e_score_correction_bias
-        saved = bias.clone()
-        try:
-            bias[removed] = float("-inf")
-            return router(hidden)
-        finally:
-            bias.copy_(saved)
-    original = F.linear
-
-    def masked_linear(x, weight, *rest):
-        out = original(x, weight, *rest)
-        return out.masked_fill(removed, float("-inf")) if weight is router.weight else out
-
-    with contextlib.ExitStack() as stack:
-        F.linear = masked_linear
-        stack.callback(setattr, F, "linear", original)
-        return router(hidden)
-
-
-def test_route_with_removed_experts_reproduces_the_router_itself(family):
-    """Masked routing against the router's own forward on -inf logits (or -inf selection bias): group scores,
-    selection biases and renormalisation all come from the family's own code, not from the adapter."""
+def test_masked_routing_equals_the_sliced_routers_own(family):
+    """For every layer, the router's own forward under the mask picks the same experts with the same weights as the
+    router of the pruned model (sliced, its count updated) on the same input: group scores, selection biases and
+    renormalisation all come from the family's own code, on both sides."""
     _, model, _ = family
     adapter = get_adapter(model.config)
-    captured = {}
     layers = adapter.moe_layers(model)
-    handles = [layer.router.register_forward_pre_hook(lambda m, a, i=layer.index: captured.update({i: a[0]}))
-               for layer in layers]
+    captured = {}
+    handles = [layer.router.register_forward_pre_hook(
+        lambda m, a, k, i=layer.index: captured.update({i: (a, k)}), with_kwargs=True) for layer in layers]
     _logits(model)
     for h in handles:
         h.remove()
-    gen = torch.Generator().manual_seed(4)
+    plan = grouped_uneven_plan(model)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned_layers = {layer.index: layer for layer in adapter.moe_layers(pruned)}
     for layer in layers:
-        groups, size = layer.groups, layer.num_experts // layer.groups
-        removed = torch.zeros(layer.num_experts, dtype=torch.bool)
-        for g in range(groups):  # one expert per group, so that every group stays selectable
-            removed[g * size + int(torch.randint(0, size, (1,), generator=gen))] = True
+        kept = torch.tensor(plan.kept[layer.index])
+        removed = torch.ones(layer.num_experts, dtype=torch.bool)
+        removed[kept] = False
+        args, kwargs = captured[layer.index]
         with torch.no_grad():
-            hidden = captured[layer.index]
-            own = _router_output_with_removed(layer.router, adapter, hidden, removed)
-            logits = adapter.router_logits(layer.router(hidden))
-            weights, ids = adapter.route(layer.router, logits, removed)
-        assert not removed[own[2]].any()
-        order_own, order_ours = own[2].sort(dim=-1), ids.sort(dim=-1)
-        assert torch.equal(order_own.values, order_ours.values)
-        torch.testing.assert_close(own[1].gather(1, order_own.indices), weights.gather(1, order_ours.indices),
+            weights, ids = route(layer, args, kwargs, removed)
+            own = pruned_layers[layer.index].router(*_for_pruned(args, layer, pruned_layers[layer.index]), **kwargs)
+        own_weights, own_ids = routing_of(own, layer.top_k)
+        assert not removed[ids].any()
+        mine, theirs = ids.sort(dim=-1), kept[own_ids].sort(dim=-1)
+        assert torch.equal(mine.values, theirs.values)
+        torch.testing.assert_close(weights.gather(1, mine.indices), own_weights.gather(1, theirs.indices),
                                    rtol=1e-5, atol=1e-6)
+
+
+def _for_pruned(args, layer, pruned_layer):
+    """The router's arguments for the pruned layer: a selection bias the block passes in is the pruned block's."""
+    swapped = {id(layer.tensor(path)): pruned_layer.tensor(path) for path in layer.structure.selection_biases}
+    return tuple(swapped.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)

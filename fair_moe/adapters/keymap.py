@@ -1,0 +1,60 @@
+"""What a checkpoint key on disk is in the module tree, read with transformers' own conversion mapping.
+
+transformers 5.x loads most MoE checkpoints through a conversion mapping (``conversion_mapping.py``): per-expert keys
+``….experts.<j>.gate_proj.weight`` are stacked into the fused ``experts.gate_up_proj``, and many families rename
+on the way (``mlp.gate.expert_bias`` → ``mlp.gate.e_score_correction_bias``, ``experts.fc1.weight`` →
+``experts.gate_up_proj``, a block called ``moe`` on disk and ``mlp`` in the model). ``KeyMap`` applies the very
+transforms the model's loader applies to one key and says which module tensor it fills and, for a per-expert key,
+which expert it is (the digits the converter's ``*`` stands for), so the streaming rewriter needs no key format of
+its own per family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MappedKey:
+    """``target``: the module tensor a disk key fills (its path in the model); ``expert``: the expert id of a
+    per-expert key and ``span`` where those digits are in the disk key (None for a key that is not per-expert)."""
+
+    target: str
+    expert: int | None = None
+    span: tuple[int, int] | None = None
+
+
+class KeyMap:
+    """Disk key → module tensor, through the conversion mapping transformers uses to load ``model``'s class."""
+
+    def __init__(self, model: nn.Module):
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # a transformers without conversion mappings: disk keys are the module names
+            self._rename = None
+            self.renamings = self.converters = []
+        else:
+            transforms = get_model_conversion_mapping(model)
+            self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+            self._rename = rename_source_key
+        self.prefix = getattr(model, "base_model_prefix", None) or None
+        self.module_keys = dict.fromkeys(model.state_dict(keep_vars=True), True)
+
+    def map(self, key: str) -> MappedKey:
+        """The module tensor ``key`` fills, and its expert id when it is one expert's slice of a fused tensor."""
+        if self._rename is None:
+            return MappedKey(key)
+        target, pattern = self._rename(key, self.renamings, self.converters, self.prefix, self.module_keys)
+        if pattern is None or "*" not in pattern:
+            return MappedKey(target)
+        # source patterns are regular expressions in which ``*`` stands for the expert id
+        found = re.search(pattern.replace("*", r"(\d+)"), key)
+        if found is None:
+            return MappedKey(target)
+        last = found.lastindex  # the expert id is the last wildcard (``experts.*.…``)
+        return MappedKey(target, int(found.group(last)), found.span(last))

@@ -1,0 +1,307 @@
+"""Finding the MoE blocks of a transformers model from its module tree.
+
+transformers 5.x stores the routed experts of most MoE families as one module with fused 3-D parameters (expert
+axis first: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, or ``up_proj`` without a gate) next to a router
+module whose logits weight is ``[E, H]``. ``discover`` walks one decoder layer after another and records, for the
+first MoE block it meets, where the block, its router and its experts sit, which tensors carry the expert axis
+(router rows, router and expert biases, selection biases such as ``e_score_correction_bias`` wherever they are
+kept — in the router, in a statistics submodule as ``[1, E]``, or on the block itself), which module attributes
+and config fields hold the expert count, the router's top-k and its expert groups. Nothing here knows a family
+by name; what a structure cannot express is refused with the reason (``Unsupported``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fair_moe.core.errors import FairMoeError
+
+TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "experts_per_token")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token", "moe_top_k",
+                "experts_per_token")
+GROUP_ATTRIBUTES = ("n_group", "num_group", "num_expert_group", "n_groups")
+TOPK_GROUP_ATTRIBUTES = ("topk_group", "num_topk_group")
+NOT_A_COUNT = ("per_tok", "per_token", "shared", "topk", "top_k", "group", "_k", "dense", "layer", "capacity")
+
+
+class Unsupported(FairMoeError):
+    """The model's structure is not one fair_moe can prune; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class MoEStructure:
+    """Where the routed experts of a model are, as paths: ``layers_path`` (the decoder's ModuleList, from the model),
+    ``block_path`` (from a decoder layer; "" when router and experts sit on the layer itself), ``router_path`` and
+    ``experts_path`` (from the block). Tensor paths are relative to the block: ``router_tensors`` (path, expert
+    axis) are sliced with the experts, ``logits_weight`` is the ``[E, H]`` weight the router's logits are computed
+    with, ``selection_biases`` only bias selection; ``expert_tensors`` are relative to the experts module.
+    ``count_attributes`` (relative to the block) and ``count_fields`` (of the text config) hold E."""
+
+    layers_path: str
+    block_path: str
+    router_path: str
+    experts_path: str
+    layer_indices: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    groups: int
+    topk_group: int
+    min_kept_per_group: int
+    logits_weight: str
+    router_tensors: tuple[tuple[str, int], ...]
+    selection_biases: tuple[str, ...]
+    expert_tensors: tuple[str, ...]
+    count_attributes: tuple[str, ...]
+    count_fields: tuple[str, ...]
+    model_count_attributes: tuple[str, ...] = ()
+
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The MoE block of one decoder layer (None for a dense layer)."""
+        try:
+            block = layer.get_submodule(self.block_path) if self.block_path else layer
+            block.get_submodule(self.experts_path)
+            block.get_submodule(self.router_path)
+        except AttributeError:
+            return None
+        return block
+
+
+def text_config(config):
+    """The config of the language model (the config itself for a text-only model)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+
+
+def _all_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def expert_axis_of(tensor: torch.Tensor, num_experts: int) -> int | None:
+    """0 for ``[E, …]``, 1 for a ``[1, E]`` statistics row, None for a tensor without an expert axis."""
+    if tensor.dim() >= 1 and tensor.shape[0] == num_experts:
+        return 0
+    if tensor.dim() == 2 and tensor.shape[0] == 1 and tensor.shape[1] == num_experts:
+        return 1
+    return None
+
+
+def experts_count(module: nn.Module) -> int | None:
+    """E when ``module`` is a fused-experts module: two or more direct 3-D tensors sharing the leading dimension."""
+    leading = [t.shape[0] for t in _direct_tensors(module).values() if t.dim() == 3]
+    if len(leading) >= 2 and len(set(leading)) == 1:
+        return leading[0]
+    return None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The language model's decoder layers and their path in ``model``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None) if decoder is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        candidates = [(name, m) for name, m in model.named_modules()
+                      if isinstance(m, nn.ModuleList) and name.endswith("layers")]
+        if not candidates:
+            raise Unsupported(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers')")
+        name, layers = candidates[0]
+        return name, layers
+    for name, module in model.named_modules():
+        if module is layers:
+            return name, layers
+    raise Unsupported(f"{type(model).__name__}: its decoder's layers are not part of the model")
+
+
+def _find_experts(layer: nn.Module) -> list[tuple[str, int]]:
+    """Fused-experts modules of one decoder layer; where several modules hold 3-D tensors, the routed experts are
+    the one named ``…experts`` (not ``shared_experts``)."""
+    found = [(name, n) for name, module in layer.named_modules() if (n := experts_count(module)) is not None]
+    if len(found) > 1:
+        named = [(name, n) for name, n in found
+                 if name.rsplit(".", 1)[-1].endswith("experts") and "shared" not in name.rsplit(".", 1)[-1]]
+        found = named or found
+    return found
+
+
+def _router_of(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, str] | None:
+    """(router path, path of its [E, H] logits weight within the router) among the block's other children."""
+    children = sorted(block.named_children(), key=lambda item: item[0] not in ("gate", "router"))
+    for name, child in children:
+        if name == experts_name:
+            continue
+        for tensor_name, tensor in _all_tensors(child).items():
+            if tensor.dim() == 2 and tensor.shape[0] == num_experts and tensor_name.endswith("weight"):
+                return name, tensor_name
+    return None
+
+
+def _int_attributes(module: nn.Module, value: int, names=None) -> list[str]:
+    found = []
+    for attr, v in vars(module).items():
+        if isinstance(v, int) and not isinstance(v, bool) and v == value and (names is None or attr in names):
+            found.append(attr)
+    return found
+
+
+def _first_attribute(modules: list[nn.Module], names: tuple[str, ...]) -> int | None:
+    for module in modules:
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+                return max(value)
+    return None
+
+
+def count_fields(config, num_experts: int) -> tuple[str, ...]:
+    """Fields of the text config that hold the routed expert count."""
+    text = text_config(config)
+    names = set(text.to_dict()) | set(getattr(text, "attribute_map", {}))
+    return tuple(sorted(name for name in names
+                        if "expert" in name and not any(bad in name for bad in NOT_A_COUNT)
+                        and getattr(text, name, None) == num_experts))
+
+
+def discover(model: nn.Module) -> MoEStructure:
+    """The MoE structure of ``model`` (weights may be on the meta device). ``Unsupported`` says what was found
+    when the model is not a fused-experts MoE fair_moe can prune."""
+    layers_path, layers = decoder_layers(model)
+    found = None
+    indices = []
+    for index, layer in enumerate(layers):
+        experts = _find_experts(layer)
+        if not experts:
+            continue
+        if len({n for _, n in experts}) > 1 or len(experts) > 1:
+            raise Unsupported(f"decoder layer {index} holds {len(experts)} fused-experts modules "
+                              f"({', '.join(name for name, _ in experts)}); fair_moe prunes one expert set per layer")
+        experts_name, num_experts = experts[0]
+        block_path, _, experts_attr = experts_name.rpartition(".")
+        if found is None:
+            found = (block_path, experts_attr, num_experts, index)
+        elif (block_path, experts_attr) != found[:2]:
+            raise Unsupported(f"MoE blocks sit at different places in different layers ({found[0]!r}, "
+                              f"{block_path!r})")
+        indices.append(index)
+    if found is not None:
+        _check_no_other_stack(model, layers_path, found[2])
+    if found is None:
+        raise Unsupported(f"model_type {model.config.model_type!r} has no MoE layers fair_moe can prune: the decoder "
+                          f"layers of {type(model).__name__} hold no fused-experts module (looked for a module with "
+                          "two or more 3-D parameters sharing a leading expert axis, transformers' gate_up_proj / "
+                          "down_proj experts)")
+    block_path, experts_attr, num_experts, first = found
+    first_layer = layers[first]
+    block = first_layer.get_submodule(block_path) if block_path else first_layer
+    router = _router_of(block, experts_attr, num_experts)
+    if router is None:
+        raise Unsupported(f"the MoE block {block_path or 'of each layer'} has experts with E={num_experts} but no "
+                          f"router whose weight is [E, hidden] (its router may score extra classes, e.g. zero or "
+                          "identity experts)")
+    router_path, weight_in_router = router
+    router_module = block.get_submodule(router_path)
+    experts_module = block.get_submodule(experts_attr)
+    router_tensors, selection = [], []
+    for name, tensor in _all_tensors(router_module).items():
+        axis = expert_axis_of(tensor, num_experts)
+        if axis is not None:
+            router_tensors.append((f"{router_path}.{name}", axis))
+            if _is_selection_bias(name):
+                selection.append(f"{router_path}.{name}")
+    for name, tensor in _direct_tensors(block).items():  # selection biases some families keep on the block
+        axis = expert_axis_of(tensor, num_experts)
+        if axis is not None:
+            router_tensors.append((name, axis))
+            if _is_selection_bias(name):
+                selection.append(name)
+    expert_tensors = sorted(n for n, t in _direct_tensors(experts_module).items() if t.dim() >= 1
+                            and t.shape[0] == num_experts)
+    count_attributes = []
+    for prefix, module in [("", block), *[(f"{router_path}.{n}".rstrip("."), m)
+                                          for n, m in router_module.named_modules()], (experts_attr, experts_module)]:
+        names = [a for a in _int_attributes(module, num_experts) if "expert" in a]
+        if isinstance(module, nn.Linear) and module.out_features == num_experts:
+            names.append("out_features")
+        count_attributes += [f"{prefix}.{a}" if prefix else a for a in names]
+    top_k = _first_attribute([router_module, block], TOP_K_ATTRIBUTES) or \
+        _first_attribute([text_config(model.config)], TOP_K_FIELDS)
+    if not top_k:
+        raise Unsupported(f"cannot tell how many experts the router of {type(block).__name__} selects per token "
+                          f"(no {' / '.join(TOP_K_ATTRIBUTES)} on it)")
+    groups, topk_group, min_per_group = _groups(router_module, block, num_experts, top_k, bool(selection))
+    return MoEStructure(
+        layers_path=layers_path, block_path=block_path, router_path=router_path, experts_path=experts_attr,
+        layer_indices=tuple(indices), num_experts=num_experts, top_k=int(top_k), groups=groups,
+        topk_group=topk_group, min_kept_per_group=min_per_group,
+        logits_weight=f"{router_path}.{weight_in_router}", router_tensors=tuple(router_tensors),
+        selection_biases=tuple(selection), expert_tensors=tuple(expert_tensors),
+        count_attributes=tuple(count_attributes), count_fields=count_fields(model.config, num_experts),
+        model_count_attributes=tuple(_int_attributes(model, num_experts, ("num_experts", "num_local_experts"))),
+    )
+
+
+OTHER_TOWERS = ("vision", "visual", "audio", "talker", "code2wav", "mtp")
+
+
+def _check_no_other_stack(model: nn.Module, layers_path: str, num_experts: int) -> None:
+    """Experts outside the language decoder's layers would share its expert count field (an encoder stack, a second
+    decoder); those of another modality's tower have configs of their own and stay as they are."""
+    for name, module in model.named_modules():
+        if name.startswith(layers_path + ".") or any(t in name for t in OTHER_TOWERS):
+            continue
+        if experts_count(module) == num_experts:
+            raise Unsupported(f"routed experts also sit outside the decoder layers {layers_path!r} (at {name!r}) and "
+                              "share their expert count: fair_moe prunes one decoder stack")
+
+
+def _is_selection_bias(name: str) -> bool:
+    """A tensor that biases which experts are selected without being part of the weights (DeepSeek-V3's
+    ``e_score_correction_bias``, ``expert_bias``); a linear layer's own ``bias`` is part of the logits."""
+    last = name.rsplit(".", 1)[-1]
+    return last.endswith("bias") and last != "bias"
+
+
+def _groups(router: nn.Module, block: nn.Module, num_experts: int, top_k: int, biased: bool) -> tuple[int, int, int]:
+    """(groups, groups selected per token, experts every group must keep) of a group-limited router."""
+    method = getattr(router, "topk_method", None)
+    groups = _first_attribute([router, block], GROUP_ATTRIBUTES) or 1
+    if method is not None and method != "group_limited_greedy" and not biased:
+        groups = 1  # DeepSeek-V2's greedy routing ignores n_group
+    if groups <= 1 or num_experts % groups:
+        return 1, 1, 0
+    topk_group = _first_attribute([router, block], TOPK_GROUP_ATTRIBUTES) or groups
+    # a group is ranked by its best expert (DeepSeek-V2) or by the sum of its best two (DeepSeek-V3 and most others)
+    per_group = 1 if method == "group_limited_greedy" else 2
+    return groups, topk_group, max(per_group, -(-top_k // topk_group))
+
+
+def meta_model(config, auto_class: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device: shapes without memory."""
+    import transformers
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return getattr(transformers, auto_class).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def auto_class_name(config) -> str:
+    """The transformers Auto class a checkpoint of ``config`` loads with: a causal LM, or the image-text (or
+    multimodal) class for models whose language tower sits beside other towers, so their checkpoints keep them."""
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = getattr(config, "model_type", None)
+    multimodal = any(hasattr(config, f) for f in ("vision_config", "audio_config", "thinker_config"))
+    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not multimodal:
+        return "AutoModelForCausalLM"
+    if model_type in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "AutoModelForImageTextToText"
+    if model_type in getattr(auto, "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", {}):
+        return "AutoModelForMultimodalLM"
+    return "AutoModelForCausalLM"
