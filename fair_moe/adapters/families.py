@@ -35,7 +35,7 @@ SUPPORTED = frozenset({
     "deepseek_v3", "deepseek_v32", "dots1", "dots3_note", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
     "gemma4", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss", "granitemoe",
     "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl",
-    "inkling2", "inkling2_loop", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum",
+    "inkling2", "inkling2_loop", "inkling_mm_model", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum",
     "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral",
     "muse_spark", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next",
     "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7",

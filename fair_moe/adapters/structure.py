@@ -39,7 +39,9 @@ class MoEStructure:
     ``experts_path`` (from the block). Tensor paths are relative to the block: ``router_tensors`` (path, expert
     axis) are sliced with the experts, ``logits_weight`` is the ``[E, H]`` weight the router's logits are computed
     with, ``selection_biases`` only bias selection; ``expert_tensors`` are relative to the experts module.
-    ``count_attributes`` (relative to the block) and ``count_fields`` (of the text config) hold E."""
+    ``count_attributes`` (relative to the block) and ``count_fields`` (of the text config) hold E. A router may score
+    ``router_tail`` more classes after the E routed experts (shared experts weighted jointly with the routed ones):
+    they are never units, and a router tensor of length E + tail keeps them (``expert_index``)."""
 
     layers_path: str
     block_path: str
@@ -58,6 +60,7 @@ class MoEStructure:
     count_attributes: tuple[str, ...]
     count_fields: tuple[str, ...]
     model_count_attributes: tuple[str, ...] = ()
+    router_tail: int = 0  # classes the router scores after the E routed experts (e.g. jointly weighted shared experts)
 
     def block_of(self, layer: nn.Module) -> nn.Module | None:
         """The MoE block of one decoder layer (None for a dense layer)."""
@@ -84,13 +87,20 @@ def _all_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def expert_axis_of(tensor: torch.Tensor, num_experts: int) -> int | None:
-    """0 for ``[E, …]``, 1 for a ``[1, E]`` statistics row, None for a tensor without an expert axis."""
-    if tensor.dim() >= 1 and tensor.shape[0] == num_experts:
+def expert_axis_of(tensor: torch.Tensor, num_experts: int, tail: int = 0) -> int | None:
+    """0 for ``[E, …]`` (or ``[E + tail, …]``), 1 for a ``[1, E]`` statistics row, None for a tensor without an
+    expert axis."""
+    if tensor.dim() >= 1 and tensor.shape[0] in (num_experts, num_experts + tail):
         return 0
     if tensor.dim() == 2 and tensor.shape[0] == 1 and tensor.shape[1] == num_experts:
         return 1
     return None
+
+
+def expert_index(kept, length: int, num_experts: int) -> torch.Tensor:
+    """What to keep along an expert axis of ``length``: the kept experts (sorted ids), then every class past the
+    E routed ones (a router's trailing classes, which are never units)."""
+    return torch.tensor(sorted(kept) + list(range(num_experts, length)), dtype=torch.long)
 
 
 def experts_count(module: nn.Module) -> int | None:
@@ -129,15 +139,24 @@ def _find_experts(layer: nn.Module) -> list[tuple[str, int]]:
     return found
 
 
-def _router_of(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, str] | None:
-    """(router path, path of its [E, H] logits weight within the router) among the block's other children."""
+def _router_of(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, str, int] | None:
+    """(router path, path of its logits weight within the router, trailing classes) among the block's other
+    children: a ``[E, H]`` weight, or a ``gate`` / ``router`` whose weight scores up to E more classes after the
+    routed experts (``[E + tail, H]``)."""
     children = sorted(block.named_children(), key=lambda item: item[0] not in ("gate", "router"))
     for name, child in children:
         if name == experts_name:
             continue
         for tensor_name, tensor in _all_tensors(child).items():
             if tensor.dim() == 2 and tensor.shape[0] == num_experts and tensor_name.endswith("weight"):
-                return name, tensor_name
+                return name, tensor_name, 0
+    for name, child in children:
+        if name not in ("gate", "router"):
+            continue
+        for tensor_name, tensor in _all_tensors(child).items():
+            rows = tensor.shape[0] if tensor.dim() == 2 else 0
+            if num_experts < rows <= 2 * num_experts and tensor_name.endswith("weight"):
+                return name, tensor_name, tensor.shape[0] - num_experts
     return None
 
 
@@ -205,12 +224,12 @@ def discover(model: nn.Module) -> MoEStructure:
         raise Unsupported(f"the MoE block {block_path or 'of each layer'} has experts with E={num_experts} but no "
                           f"router whose weight is [E, hidden] (its router may score extra classes, e.g. zero or "
                           "identity experts)")
-    router_path, weight_in_router = router
+    router_path, weight_in_router, tail = router
     router_module = block.get_submodule(router_path)
     experts_module = block.get_submodule(experts_attr)
     router_tensors, selection = [], []
     for name, tensor in _all_tensors(router_module).items():
-        axis = expert_axis_of(tensor, num_experts)
+        axis = expert_axis_of(tensor, num_experts, tail)
         if axis is not None:
             router_tensors.append((f"{router_path}.{name}", axis))
             if _is_selection_bias(name):
@@ -244,6 +263,7 @@ def discover(model: nn.Module) -> MoEStructure:
         selection_biases=tuple(selection), expert_tensors=tuple(expert_tensors),
         count_attributes=tuple(count_attributes), count_fields=count_fields(model.config, num_experts),
         model_count_attributes=tuple(_int_attributes(model, num_experts, ("num_experts", "num_local_experts"))),
+        router_tail=tail,
     )
 
 

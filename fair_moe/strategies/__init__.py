@@ -6,9 +6,12 @@ from fair_moe.strategies.compensations import COMPENSATIONS
 from fair_moe.strategies.signals import PROTECTION_SIGNALS, REMOVAL_SIGNALS
 
 AUTO = "auto"  # the model-judged choice, accepted by --allocation and --compensate
-AUTO_ALLOCATION_HELP = ("the best of every allocation rule × removal signal, judged by the masked model's loss on "
-                        "calibration text the scores did not use")
-AUTO_COMPENSATION_HELP = "fit each auto-candidate compensation and keep it only if it lowers that held-out loss"
+AUTO_ALLOCATION_HELP = ("uniform + ean unless another allocation rule × removal signal beats it clearly: every "
+                        "candidate is judged by the KL divergence of the masked model's next-token distribution from "
+                        "the dense model's on calibration text the scores did not use, paired window by window; a "
+                        "rival replaces the default only by more than 2 standard errors")
+AUTO_COMPENSATION_HELP = ("fit each compensation marked as an auto candidate and keep one only if it "
+                          "beats none by more than 2 standard errors of the same paired KL")
 LAYOUTS = {  # --layout: which plans are allowed
     "any": "layers may keep different counts (loads with trust_remote_code=True; not in vLLM / SGLang / TGI)",
     "stock": "every layer keeps the same count, so the checkpoint is the stock architecture (serving engines)",

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from fair_moe.adapters.base import CheckpointKey, FusedExpertsAdapter
+from fair_moe.adapters.structure import expert_index
 from fair_moe.checkpoint.quantized import QuantFormat, encoded_weight
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
@@ -67,10 +68,12 @@ class ExpertKeyRewriter:
                                    f"not the expert count {self.plan.width}")
             self.fused_seen[layer] += 1
             return key, self.transform(ref, tensor).index_select(0, keep)
-        if tensor.dim() <= ref.axis or tensor.shape[ref.axis] != self.plan.width:
+        tail = self.adapter.structure(self.config).router_tail if self.config is not None else 0
+        if tensor.dim() <= ref.axis or tensor.shape[ref.axis] not in (self.plan.width, self.plan.width + tail):
             return key, tensor
         self.routers_seen[layer] += 1
-        return key, self.transform(ref, tensor).index_select(ref.axis, keep)
+        index = expert_index(self.kept[layer], tensor.shape[ref.axis], self.plan.width)
+        return key, self.transform(ref, tensor).index_select(ref.axis, index)
 
     def transform(self, ref: CheckpointKey, tensor: torch.Tensor) -> torch.Tensor:
         """The compensation's change of one source tensor, told what the tensor is in a quantized format."""

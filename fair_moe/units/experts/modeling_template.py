@@ -25,7 +25,11 @@ def resize_moe_layers(model, config):
         block = layer.get_submodule(layout["block_path"]) if layout["block_path"] else layer
         for path, axis in layout["router_tensors"]:
             module_path, _, name = path.rpartition(".")
-            _resize_tensor(block.get_submodule(module_path) if module_path else block, name, count, axis)
+            module = block.get_submodule(module_path) if module_path else block
+            # built for the config's (largest) count; classes a router scores after the routed experts stay
+            built = getattr(text, layout["count_fields"][0]) if layout["count_fields"] else count
+            extra = getattr(module, name).shape[axis] - built
+            _resize_tensor(module, name, count + extra, axis)
         experts = block.get_submodule(layout["experts_path"])
         for name in layout["experts_tensors"]:
             _resize_tensor(experts, name, count, 0)

@@ -18,7 +18,7 @@ from torch import nn
 
 from fair_moe.adapters import get_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter
-from fair_moe.adapters.structure import text_config
+from fair_moe.adapters.structure import expert_index, text_config
 from fair_moe.checkpoint.stream import weight_files
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
@@ -73,7 +73,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         keep = torch.tensor(kept, dtype=torch.long)
         for path, axis in structure.router_tensors:
             module, name = layer.owner(path)
-            _slice_tensor(module, name, keep, axis)
+            length = getattr(module, name).shape[axis]
+            _slice_tensor(module, name, expert_index(kept, length, layer.num_experts), axis)
         for name in structure.expert_tensors:
             _slice_tensor(layer.experts, name, keep)
         set_count_attributes(layer.block, structure.count_attributes, len(kept))
@@ -110,6 +111,7 @@ def layout_of(model: nn.Module) -> dict:
         "layers_path": structure.layers_path,
         "block_path": structure.block_path,
         "router_tensors": [[path, axis] for path, axis in structure.router_tensors],
+        "router_tail": structure.router_tail,
         "experts_path": structure.experts_path,
         "experts_tensors": list(structure.expert_tensors),
         "count_attributes": list(structure.count_attributes),

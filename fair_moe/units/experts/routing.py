@@ -52,11 +52,13 @@ class ExpertMask(TorchFunctionMode):
     or ``functional_call`` swaps in while the router runs is the one followed."""
 
     def __init__(self, weights: Callable[[], list[torch.Tensor]], biases: Callable[[], list[torch.Tensor]],
-                 num_experts: int, removed: torch.Tensor | None, scale: float = 1.0):
+                 num_experts: int, removed: torch.Tensor | None, scale: float = 1.0, tail: int = 0):
         super().__init__()
         self.weights, self.biases = weights, biases
         self.num_experts = num_experts
+        self.widths = (num_experts, num_experts + tail)  # a router may score classes after the routed experts
         self.removed = removed
+        self.tail = tail
         self.scale = scale
         self.weight_views: dict[int, torch.Tensor] = {}
         self.bias_views: dict[int, torch.Tensor] = {}
@@ -75,8 +77,8 @@ class ExpertMask(TorchFunctionMode):
         from_bias = [t for t in inputs if id(t) in biases]
         if not from_weight and not from_bias:
             if func in FILL_OPS and any(id(t) in self.masked for t in inputs) and self.removed is not None \
-                    and out.dim() > 0 and out.shape[-1] == self.num_experts:
-                out = out.masked_fill(self.removed.to(out.device), float("-inf"))
+                    and out.dim() > 0 and out.shape[-1] in self.widths:
+                out = out.masked_fill(self._removed(out), float("-inf"))
                 self.masked[id(out)] = out
             return out
         others = [t for t in inputs if id(t) not in weights and id(t) not in biases]
@@ -84,15 +86,22 @@ class ExpertMask(TorchFunctionMode):
             views = self.weight_views if from_weight else self.bias_views
             views[id(out)] = out
             return out
-        if out.dim() == 0 or out.shape[-1] != self.num_experts:
+        if out.dim() == 0 or out.shape[-1] not in self.widths:
             return out
         if from_weight and self.scale != 1.0:
             out = out * self.scale
         if self.removed is not None:
-            out = out.masked_fill(self.removed.to(out.device), float("-inf"))
+            out = out.masked_fill(self._removed(out), float("-inf"))
             self.masked[id(out)] = out
         self.changed += 1
         return out
+
+
+    def _removed(self, out: torch.Tensor) -> torch.Tensor:
+        """The removed-expert mask for scores ``out [..., E or E + tail]`` (trailing classes are never removed)."""
+        removed = self.removed.to(out.device)
+        extra = out.shape[-1] - self.num_experts
+        return torch.cat([removed, removed.new_zeros(extra)]) if extra else removed
 
 
 def expert_mask(layer: MoELayer, removed: torch.Tensor | None, scale: float = 1.0,
@@ -107,7 +116,7 @@ def expert_mask(layer: MoELayer, removed: torch.Tensor | None, scale: float = 1.
             return [parameters[weight_path.removeprefix(router_prefix)]]
         return [layer.logits_weight()]
 
-    return ExpertMask(weights, layer.selection_biases, layer.num_experts, removed, scale)
+    return ExpertMask(weights, layer.selection_biases, layer.num_experts, removed, scale, layer.structure.router_tail)
 
 
 def routing_of(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,14 +148,15 @@ def test_round_trip_equals_masked_original(family, kind, tmp_path):
         plan = make_plan(scores, PlanSettings(budget=0.25, allocation=kind))
     with masked_experts(model, plan.kept):
         reference = _logits(model)
-    assert (reference - _logits(model)).abs().max() > 1e-4  # the mask changes the output
+    scale = reference.abs().max().item()  # some tiny models' logits are of order 0.01
+    assert (reference - _logits(model)).abs().max() > 1e-4 * scale  # the mask changes the output
     save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan)
     stock = plan.is_uniform
     auto = getattr(transformers, get_adapter(model.config).auto_class(model.config))
     reloaded = auto.from_pretrained(tmp_path, trust_remote_code=not stock, dtype=torch.float32)
     if stock:
         assert type(reloaded) is type(model)  # stock class, no remote code
-    assert (_logits(reloaded) - reference).abs().max().item() < 1e-4
+    assert (_logits(reloaded) - reference).abs().max().item() < 1e-4 * min(1.0, max(scale, 1e-2))
 
 
 def test_grouped_budget_that_empties_groups_is_refused(family):
