@@ -207,7 +207,7 @@ class FusedExpertsAdapter:
                 continue
             router = block.get_submodule(structure.router_path)
             experts = block.get_submodule(structure.experts_path)
-            num_experts = getattr(experts, structure.expert_tensors[0]).shape[0]
+            num_experts = min(getattr(experts, name).shape[0] for name in structure.expert_tensors)
             top_k = getattr(router, "top_k", None)
             layers.append(MoELayer(index=index, block=block, router=router, experts=experts, num_experts=num_experts,
                                    top_k=int(top_k) if isinstance(top_k, int) else structure.top_k,

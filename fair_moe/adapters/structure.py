@@ -41,7 +41,9 @@ class MoEStructure:
     with, ``selection_biases`` only bias selection; ``expert_tensors`` are relative to the experts module.
     ``count_attributes`` (relative to the block) and ``count_fields`` (of the text config) hold E. A router may score
     ``router_tail`` more classes after the E routed experts (shared experts weighted jointly with the routed ones):
-    they are never units, and a router tensor of length E + tail keeps them (``expert_index``)."""
+    they are never units, and a router tensor of length E + tail keeps them (``expert_index``); ``experts_tail`` of
+    them are computed by the experts module itself (zero-computation / identity experts), whose tensors of length
+    E + tail keep theirs the same way."""
 
     layers_path: str
     block_path: str
@@ -61,6 +63,8 @@ class MoEStructure:
     count_fields: tuple[str, ...]
     model_count_attributes: tuple[str, ...] = ()
     router_tail: int = 0  # classes the router scores after the E routed experts (e.g. jointly weighted shared experts)
+    experts_tail: int = 0  # of those, the ones the experts module computes itself (LongCat's identity experts)
+    tail_count_attributes: tuple[str, ...] = ()  # attributes caching E + router_tail
 
     def block_of(self, layer: nn.Module) -> nn.Module | None:
         """The MoE block of one decoder layer (None for a dense layer)."""
@@ -104,10 +108,17 @@ def expert_index(kept, length: int, num_experts: int) -> torch.Tensor:
 
 
 def experts_count(module: nn.Module) -> int | None:
-    """E when ``module`` is a fused-experts module: two or more direct 3-D tensors sharing the leading dimension."""
+    """E when ``module`` is a fused-experts module: two or more direct 3-D tensors sharing the leading dimension,
+    or, in a class named ``…Experts``, leading dimensions E and E + Z (LongCat allocates gate / up rows for Z
+    zero-computation experts after the E routed ones; its down projection has E)."""
     leading = [t.shape[0] for t in _direct_tensors(module).values() if t.dim() == 3]
-    if len(leading) >= 2 and len(set(leading)) == 1:
+    if len(leading) < 2:
+        return None
+    if len(set(leading)) == 1:
         return leading[0]
+    smallest = min(leading)
+    if len(set(leading)) == 2 and max(leading) <= 2 * smallest and type(module).__name__.endswith("Experts"):
+        return smallest
     return None
 
 
@@ -240,15 +251,25 @@ def discover(model: nn.Module) -> MoEStructure:
             router_tensors.append((name, axis))
             if _is_selection_bias(name):
                 selection.append(name)
-    expert_tensors = sorted(n for n, t in _direct_tensors(experts_module).items() if t.dim() >= 1
-                            and t.shape[0] == num_experts)
-    count_attributes = []
+    expert_rows = {n: t.shape[0] for n, t in _direct_tensors(experts_module).items() if t.dim() >= 1
+                   and num_experts <= t.shape[0] <= 2 * num_experts}
+    experts_tail = max(expert_rows.values()) - num_experts
+    if experts_tail and experts_tail != tail:
+        raise Unsupported(f"the experts module holds {experts_tail} classes after the E={num_experts} routed experts "
+                          f"but the router scores {tail}: fair_moe cannot tell which classes are experts")
+    expert_tensors = sorted(n for n, rows in expert_rows.items() if rows in (num_experts, num_experts + experts_tail))
+    count_attributes, tail_attributes = [], []
     for prefix, module in [("", block), *[(f"{router_path}.{n}".rstrip("."), m)
                                           for n, m in router_module.named_modules()], (experts_attr, experts_module)]:
         names = [a for a in _int_attributes(module, num_experts) if "expert" in a]
         if isinstance(module, nn.Linear) and module.out_features == num_experts:
             names.append("out_features")
         count_attributes += [f"{prefix}.{a}" if prefix else a for a in names]
+        if tail:  # attributes that cache E + the trailing classes (LongCat's total_experts)
+            names = [a for a in _int_attributes(module, num_experts + tail) if "expert" in a]
+            if isinstance(module, nn.Linear) and module.out_features == num_experts + tail:
+                names.append("out_features")
+            tail_attributes += [f"{prefix}.{a}" if prefix else a for a in names]
     top_k = _first_attribute([router_module, block], TOP_K_ATTRIBUTES) or \
         _first_attribute([text_config(model.config)], TOP_K_FIELDS)
     if not top_k:
@@ -264,6 +285,8 @@ def discover(model: nn.Module) -> MoEStructure:
         count_attributes=tuple(count_attributes), count_fields=count_fields(model.config, num_experts),
         model_count_attributes=tuple(_int_attributes(model, num_experts, ("num_experts", "num_local_experts"))),
         router_tail=tail,
+        experts_tail=experts_tail,
+        tail_count_attributes=tuple(tail_attributes),
     )
 
 

@@ -38,6 +38,9 @@ class LayerScale(Compensation):
         from fair_moe.adapters import get_adapter
 
         for layer in get_adapter(model.config).moe_layers(model):
+            if layer.structure.experts_tail:
+                return (f"{layer.experts.__class__.__name__} also computes {layer.structure.experts_tail} "
+                        "zero-computation experts whose output does not pass through a down projection")
             inner = [name for name, child in layer.experts.named_children() if any(True for _ in child.parameters())]
             if inner:
                 return (f"each expert's output passes through {layer.experts.__class__.__name__}.{inner[0]} after "

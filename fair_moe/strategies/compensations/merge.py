@@ -27,6 +27,13 @@ class Merge(Compensation):
     streamable = False
     writes = "expert-weights"
 
+    def unavailable(self, model):
+        from fair_moe.adapters import get_adapter
+
+        if any(layer.structure.experts_tail for layer in get_adapter(model.config).moe_layers(model)):
+            return "its experts module also holds zero-computation experts, whose rows merging would not follow"
+        return None
+
     def fit(self, model, kept, data):
         from fair_moe.adapters import get_adapter
         from fair_moe.units.experts.routing import expert_outputs, masked_experts, routed_pairs

@@ -120,10 +120,11 @@ class SignalCollector:
         """Patch every experts module for the duration of the block; always restored."""
         with contextlib.ExitStack() as stack:
             for layer, acc in zip(self.layers, self.acc, strict=True):
-                stack.enter_context(patched_forward(layer.experts, self._instrumented_forward(layer.experts, acc)))
+                forward = self._instrumented_forward(layer.experts, acc, layer.structure.experts_tail > 0)
+                stack.enter_context(patched_forward(layer.experts, forward))
             yield
 
-    def _instrumented_forward(self, experts: nn.Module, acc: LayerAccumulator):
+    def _instrumented_forward(self, experts: nn.Module, acc: LayerAccumulator, computes_tail: bool):
         original = experts.forward
         collector = self
 
@@ -132,9 +133,13 @@ class SignalCollector:
             token, chosen, valid = routed_pairs(top_k_index, acc.count.shape[0])
             weights = top_k_weights.reshape(-1)[valid]
             outputs = expert_outputs(lambda h, i, w: original(h, i, w, *args, **kwargs), hidden_states, token,
-                                     chosen, top_k_weights.dtype)  # [P, H]
+                                     chosen, top_k_weights.dtype,
+                                     acc.count.shape[0] if computes_tail else None)  # [P, H]
             final = torch.zeros_like(hidden_states)
             final.index_add_(0, token, (outputs * weights[:, None]).to(final.dtype))
+            if computes_tail and not valid.all():  # identity experts past E: the module's own output for them
+                others = top_k_weights * (~valid).reshape(top_k_weights.shape).to(top_k_weights.dtype)
+                final = final + original(hidden_states, top_k_index, others, *args, **kwargs).to(final.dtype)
             acc.update(chosen, collector.current_class, weights, outputs)
             if outputs.requires_grad:
                 # The hook holds a detached view, not ``outputs`` itself: a tensor whose own hook refers back

@@ -56,19 +56,21 @@ class ExpertKeyRewriter:
             return key, load()
         layer = ref.layer
         if ref.part == "experts" and ref.expert is not None:
+            if ref.expert >= self.plan.width:  # a class past the routed experts (LongCat's identity experts) stays
+                return ref.renumbered(len(self.kept[layer]) + ref.expert - self.plan.width), load()
             if ref.expert not in self.new_id[layer]:
                 return None
             self.experts_seen[layer].add(ref.expert)
             return ref.renumbered(self.new_id[layer][ref.expert]), self.transform(ref, load())
         tensor = load()
-        keep = torch.tensor(self.kept[layer])
+        tail = self.adapter.structure(self.config).router_tail if self.config is not None else 0
         if ref.part == "experts":
-            if tensor.shape[0] != self.plan.width:
+            if tensor.shape[0] not in (self.plan.width, self.plan.width + tail):
                 raise FairMoeError(f"fused expert tensor {key} has first dimension {tensor.shape[0]}, "
                                    f"not the expert count {self.plan.width}")
             self.fused_seen[layer] += 1
-            return key, self.transform(ref, tensor).index_select(0, keep)
-        tail = self.adapter.structure(self.config).router_tail if self.config is not None else 0
+            index = expert_index(self.kept[layer], tensor.shape[0], self.plan.width)
+            return key, self.transform(ref, tensor).index_select(0, index)
         if tensor.dim() <= ref.axis or tensor.shape[ref.axis] not in (self.plan.width, self.plan.width + tail):
             return key, tensor
         self.routers_seen[layer] += 1

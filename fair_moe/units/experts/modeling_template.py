@@ -32,10 +32,13 @@ def resize_moe_layers(model, config):
             _resize_tensor(module, name, count + extra, axis)
         experts = block.get_submodule(layout["experts_path"])
         for name in layout["experts_tensors"]:
-            _resize_tensor(experts, name, count, 0)
-        for path in layout["count_attributes"]:
-            module_path, _, attr = path.rpartition(".")
-            setattr(block.get_submodule(module_path) if module_path else block, attr, count)
+            built = getattr(text, layout["count_fields"][0]) if layout["count_fields"] else count
+            _resize_tensor(experts, name, count + getattr(experts, name).shape[0] - built, 0)
+        for paths, value in ((layout["count_attributes"], count),
+                             (layout.get("tail_count_attributes", ()), count + layout.get("router_tail", 0))):
+            for path in paths:
+                module_path, _, attr = path.rpartition(".")
+                setattr(block.get_submodule(module_path) if module_path else block, attr, value)
         for module in block.modules():
             if getattr(module, "config", None) is text:  # a module that reads the count from the config
                 module.config = copy.copy(text)

@@ -70,14 +70,15 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     text = text_config(model.config)
     for layer in adapter.moe_layers(model):
         kept = sorted(plan.kept[layer.index])
-        keep = torch.tensor(kept, dtype=torch.long)
         for path, axis in structure.router_tensors:
             module, name = layer.owner(path)
             length = getattr(module, name).shape[axis]
             _slice_tensor(module, name, expert_index(kept, length, layer.num_experts), axis)
         for name in structure.expert_tensors:
-            _slice_tensor(layer.experts, name, keep)
+            length = getattr(layer.experts, name).shape[0]
+            _slice_tensor(layer.experts, name, expert_index(kept, length, layer.num_experts))
         set_count_attributes(layer.block, structure.count_attributes, len(kept))
+        set_count_attributes(layer.block, structure.tail_count_attributes, len(kept) + structure.router_tail)
         if not plan.is_uniform:
             for module in (layer.block, layer.router, layer.experts):
                 if getattr(module, "config", None) is text:  # a module that reads the count from the config
@@ -115,6 +116,7 @@ def layout_of(model: nn.Module) -> dict:
         "experts_path": structure.experts_path,
         "experts_tensors": list(structure.expert_tensors),
         "count_attributes": list(structure.count_attributes),
+        "tail_count_attributes": list(structure.tail_count_attributes),
         "count_fields": list(structure.count_fields),
     }
 

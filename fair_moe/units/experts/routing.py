@@ -290,8 +290,13 @@ def routed_pairs(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
 
 
 def expert_outputs(call_forward, hidden_states: torch.Tensor, token: torch.Tensor, experts: torch.Tensor,
-                   weight_dtype: torch.dtype) -> torch.Tensor:
+                   weight_dtype: torch.dtype, pad_id: int | None = None) -> torch.Tensor:
     """f_e(x) [P, H] for every routed pair, through the experts module's own forward: each pair is a row of
-    its own with its expert alone at weight 1 (same rows and FLOPs as the stock call)."""
+    its own with its expert alone at weight 1 (same rows and FLOPs as the stock call). ``pad_id`` adds a second
+    slot of that (zero-computation) expert at weight 0, for a module whose code needs top-k > 1 (LongCat's)."""
     ones = torch.ones((len(token), 1), dtype=weight_dtype, device=hidden_states.device)
-    return call_forward(hidden_states[token], experts[:, None], ones)
+    ids = experts[:, None]
+    if pad_id is not None:
+        ones = torch.cat([ones, torch.zeros_like(ones)], dim=1)
+        ids = torch.cat([ids, torch.full_like(ids, pad_id)], dim=1)
+    return call_forward(hidden_states[token], ids, ones)
