@@ -125,12 +125,14 @@ def experts_count(module: nn.Module) -> int | None:
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The language model's decoder layers and their path in ``model``."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None) if decoder is not None else None
+    layers = next((getattr(decoder, name) for name in ("layers", "blocks") if decoder is not None
+                   and isinstance(getattr(decoder, name, None), nn.ModuleList)), None)
     if not isinstance(layers, nn.ModuleList):
         candidates = [(name, m) for name, m in model.named_modules()
-                      if isinstance(m, nn.ModuleList) and name.endswith("layers")]
+                      if isinstance(m, nn.ModuleList) and name.endswith(("layers", "blocks"))]
         if not candidates:
-            raise Unsupported(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers')")
+            raise Unsupported(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers' or "
+                              "'blocks')")
         name, layers = candidates[0]
         return name, layers
     for name, module in model.named_modules():
