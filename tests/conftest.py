@@ -111,7 +111,7 @@ def train_tiny_tokenizer(vocab_size: int = 300):
 
 def write_checkpoint(folder, config, seed: int = 0):
     tokenizer = train_tiny_tokenizer()
-    config.vocab_size = len(tokenizer)
+    config.get_text_config().vocab_size = len(tokenizer)  # the language tower's, for a multimodal config
     model = build_model(config, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -170,8 +170,10 @@ def run_perplexity(model_name: str, files: list[Path], seq_len: int, dtype, devi
     devices with ``--model-args parallelize=True``)."""
     import warnings
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
+    from fair_moe.adapters.structure import auto_class_name
     from fair_moe.calibration.text import token_stream
     from fair_moe.metrics import stream_nll
 
@@ -180,8 +182,11 @@ def run_perplexity(model_name: str, files: list[Path], seq_len: int, dtype, devi
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=args.trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=args.trust_remote_code,
-                                                         dtype=dtype, **({"device_map": "auto"} if spread else {}))
+            # the model's own Auto class: a multimodal MoE's checkpoint is not a causal LM's
+            auto = getattr(transformers, auto_class_name(
+                AutoConfig.from_pretrained(model_name, trust_remote_code=args.trust_remote_code)))
+            model = auto.from_pretrained(model_name, trust_remote_code=args.trust_remote_code,
+                                         dtype=dtype, **({"device_map": "auto"} if spread else {}))
         except ValueError as err:
             if "trust_remote_code" in str(err):
                 raise needs_remote_code(model_name) from err

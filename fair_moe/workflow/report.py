@@ -209,8 +209,8 @@ class Console:
                   f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):")
             print("  allocation removal        mean KL ± se          gain ± se")
             for c in sorted(s["candidates"], key=lambda c: c["kl_mean"]):
-                print(f"  {c['allocation']:10s} {c['removal']:12s} {c['kl_mean']:.5f} ± {c['kl_se']:.5f}  "
-                      f"{c['gain_vs_default']:+.5f} ± {c['gain_se']:.5f}")
+                print(f"  {c['allocation']:10s} {c['removal']:12s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
+                      f"{c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}")
             chosen = s["selected"]
             print(f"rule: {selection.get('rule')}")
             print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
@@ -218,8 +218,8 @@ class Console:
         if decision:
             print("compensations (KL on the same windows):")
             for c in decision["candidates"]:
-                print(f"  {c['compensation']:20s} {c['kl_mean']:.5f} ± {c['kl_se']:.5f}  "
-                      f"{c['gain_vs_default']:+.5f} ± {c['gain_se']:.5f}")
+                print(f"  {c['compensation']:20s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
+                      f"{c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}")
             print(f"rule: {decision['rule']}")
         allocation, removal = chosen_method(plan)
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")

@@ -454,3 +454,32 @@ def test_a_saved_plan_is_applied_without_calibrating(tiny_checkpoint, pruned_tod
     other = tmp_path / "other"
     small = write_checkpoint(tmp_path / "small", tiny_qwen2_moe_config(num_experts=8))
     assert run_cli("--model", small, "--plan", tmp_path / "fair_moe_plan.json", "--out", other, "--quiet") == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "glm4v_moe"])
+def test_multimodal_checkpoint_keeps_its_other_towers(name, calib_files, tmp_path):
+    """The language tower's experts are pruned through the command (calibrated on text); the checkpoint keeps the
+    vision tower and its config, loads with the model's own Auto class as the stock class, and equals the masked
+    original."""
+    import transformers
+    from zoo import auto_class, zoo_config
+
+    source = write_checkpoint(tmp_path / "src", zoo_config(name))
+    out = tmp_path / "out"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", source, "--out", out, "--budget", "0.25", "--allocation", "uniform", "--compensate",
+                   "none", *calib, *FAST) == 0
+    auto = auto_class(name)
+    assert json.loads((out / "config.json").read_text())["vision_config"] == \
+        json.loads((source / "config.json").read_text())["vision_config"]
+    original = auto.from_pretrained(source, dtype=torch.float32).eval()
+    pruned = auto.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(pruned) is type(original) and auto is not transformers.AutoModelForCausalLM
+    vision = [k for k in original.state_dict() if "visual" in k or "vision" in k]
+    assert vision and all(torch.equal(original.state_dict()[k], pruned.state_dict()[k]) for k in vision)
+    plan = PrunePlan.load(out)
+    ids = torch.randint(1, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked_experts(original, plan.kept):
+        expected = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (pruned(input_ids=ids).logits - expected).abs().max().item() < 1e-4

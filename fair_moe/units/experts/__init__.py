@@ -85,7 +85,10 @@ class ExpertsUnit(UnitKind):
     def probe(self, model, data) -> dict:
         import torch
 
-        ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+        from fair_moe.adapters.structure import text_config
+
+        vocab = text_config(model.config).vocab_size
+        ids = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids}
 
     def verify_saved(self, folder: Path, plan, config) -> None:
@@ -134,8 +137,11 @@ class ExpertsUnit(UnitKind):
         return config
 
     def summary_line(self, config, layout) -> str:
+        from fair_moe.adapters.structure import text_config
+
         layers = layout.layers
-        return (f"model_type {config.model_type}: {config.num_hidden_layers} decoder layers, {len(layers)} MoE layers "
+        decoder = text_config(config).num_hidden_layers
+        return (f"model_type {config.model_type}: {decoder} decoder layers, {len(layers)} MoE layers "
                 f"({layers[0]}…{layers[-1]}), {layout.width} routed experts per layer, top_k={layout.top_k}"
                 + (f", {layout.groups} expert groups" if layout.groups > 1 else ""))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.adapters.structure import text_config
 from fair_moe.core.budget import Budget, UnitLayout
 
 
@@ -28,11 +29,12 @@ def calibration_memory_estimate(config, adapter: FusedExpertsAdapter, top_k: int
     or dense MLP's 3·I, and for each of the top_k routed experts 3·I_moe + H; the logits and their
     gradient are float32 [tokens, vocab].
     """
-    h = config.hidden_size
+    text = text_config(config)
+    h = text.hidden_size
     per_token_layer = (8 * h + 3 * adapter.shared_intermediate_size(config)
                        + top_k * (3 * adapter.expert_intermediate_size(config) + h))
-    activations = tokens * config.num_hidden_layers * per_token_layer * dtype_bytes
-    logits = tokens * config.vocab_size * 4 * 2
+    activations = tokens * text.num_hidden_layers * per_token_layer * dtype_bytes
+    logits = tokens * text.vocab_size * 4 * 2
     return weight_bytes + activations + logits
 
 
@@ -50,7 +52,7 @@ def describe(config, adapter: FusedExpertsAdapter, layout: UnitLayout, budgets: 
     lines = [
         "layer  kind   routed experts  top_k" + ("  groups" if grouped else ""),
         *[f"{i:5d}  {'moe' if i in moe else 'dense':5s}  {layout.width if i in moe else 0:14d}  {layout.floor:5d}"
-          + (f"  {layout.groups:6d}" if grouped else "") for i in range(config.num_hidden_layers)],
+          + (f"  {layout.groups:6d}" if grouped else "") for i in range(text_config(config).num_hidden_layers)],
         f"parameters: {total / 1e9:.3f} B in all, {per_expert * layout.width * len(layers) / 1e9:.3f} B in "
         f"{layout.width * len(layers)} routed experts ({per_expert / 1e6:.2f} M each); "
         f"{_gib(total * bytes_per)} on disk in {str(dtype).replace('torch.', '')}",
