@@ -63,9 +63,10 @@ def test_the_demo_prunes_from_the_installed_package(installed, tmp_path):
                 "--samples", "8", "--seq-len", "64", "--allocation", "uniform", "--compensate", "none", "--quiet",
                 cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "wrote demo_out"
+    assert done.stdout.strip() == "wrote demo_out" and done.stderr == ""  # --quiet: the final path and nothing else
     assert (tmp_path / "demo_out" / "model.safetensors").is_file()
     vision = _run(bin_dir, "fair-moe-prune", "--model", "demo-vision", "--calib-images", "demo-digits", "--budget",
                   "0.3", "--out", "vit_out", "--samples", "40", "--quiet", cwd=tmp_path)
     assert vision.returncode == 0, vision.stderr
+    assert vision.stdout.strip() == "wrote vit_out" and vision.stderr == ""
     assert (tmp_path / "vit_out" / "fair_moe_plan.json").is_file()
