@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="only summarise: the cells.jsonl of these earlier --out folders into OUT/battery.md")
     args = p.parse_args(argv)
+    if args.merge:
+        cells = [json.loads(line) for folder in args.merge
+                 for line in (folder / "cells.jsonl").read_text().splitlines()]
+        return write_summary(cells, args.out)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,11 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) default {cell['default']:.2f} "
                       f"({cell['default_method']}) kd {cell['uniform+ean+router-kd']:.2f} [{cell['seconds']:.0f} s]",
                       flush=True)
-    cells = [json.loads(line) for line in log.read_text().splitlines()]
+    return write_summary([json.loads(line) for line in log.read_text().splitlines()], args.out)
+
+
+def write_summary(cells: list[dict], out: Path) -> int:
+    """The summary table of ``cells`` into OUT/battery.md (and stdout)."""
     order = {name: i for i, name in enumerate(FIXTURES)}
     cells.sort(key=lambda c: (order[c["fixture"]], c["regime"], c["budget"]))
     table = summary(cells)
-    (args.out / "battery.md").write_text(table + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "battery.md").write_text(table + "\n")
     print(table)
     return 0
 
