@@ -205,73 +205,22 @@ def discover(model: nn.Module) -> MoEStructure:
     """The MoE structure of ``model`` (weights may be on the meta device). ``Unsupported`` says what was found
     when the model is not a fused-experts MoE fair_moe can prune."""
     layers_path, layers = decoder_layers(model)
-    found = None
-    indices = []
-    for index, layer in enumerate(layers):
-        experts = _find_experts(layer)
-        if not experts:
-            continue
-        if len({n for _, n in experts}) > 1 or len(experts) > 1:
-            raise Unsupported(f"decoder layer {index} holds {len(experts)} fused-experts modules "
-                              f"({', '.join(name for name, _ in experts)}); fair_moe prunes one expert set per layer")
-        experts_name, num_experts = experts[0]
-        block_path, _, experts_attr = experts_name.rpartition(".")
-        if found is None:
-            found = (block_path, experts_attr, num_experts, index)
-        elif (block_path, experts_attr) != found[:2]:
-            raise Unsupported(f"MoE blocks sit at different places in different layers ({found[0]!r}, "
-                              f"{block_path!r})")
-        indices.append(index)
-    if found is not None:
-        _check_no_other_stack(model, layers_path, found[2])
-    if found is None:
-        raise Unsupported(f"model_type {model.config.model_type!r} has no MoE layers fair_moe can prune: the decoder "
-                          f"layers of {type(model).__name__} hold no fused-experts module (looked for a module with "
-                          "two or more 3-D parameters sharing a leading expert axis, transformers' gate_up_proj / "
-                          "down_proj experts)")
-    block_path, experts_attr, num_experts, first = found
-    first_layer = layers[first]
+    block_path, experts_attr, num_experts, indices = _locate_experts(model, layers)
+    _check_no_other_stack(model, layers_path, num_experts)
+    first_layer = layers[indices[0]]
     block = first_layer.get_submodule(block_path) if block_path else first_layer
     router = _router_of(block, experts_attr, num_experts)
     if router is None:
         raise Unsupported(f"the MoE block {block_path or 'of each layer'} has experts with E={num_experts} but no "
-                          f"router whose weight is [E, hidden] (its router may score extra classes, e.g. zero or "
-                          "identity experts)")
+                          "router whose weight is [E, hidden] (or, in a module named gate / router, [E + a few "
+                          "trailing classes, hidden])")
     router_path, weight_in_router, tail = router
     router_module = block.get_submodule(router_path)
     experts_module = block.get_submodule(experts_attr)
-    router_tensors, selection = [], []
-    for name, tensor in _all_tensors(router_module).items():
-        axis = expert_axis_of(tensor, num_experts, tail)
-        if axis is not None:
-            router_tensors.append((f"{router_path}.{name}", axis))
-            if _is_selection_bias(name):
-                selection.append(f"{router_path}.{name}")
-    for name, tensor in _direct_tensors(block).items():  # selection biases some families keep on the block
-        axis = expert_axis_of(tensor, num_experts)
-        if axis is not None:
-            router_tensors.append((name, axis))
-            if _is_selection_bias(name):
-                selection.append(name)
-    expert_rows = {n: t.shape[0] for n, t in _direct_tensors(experts_module).items() if t.dim() >= 1
-                   and num_experts <= t.shape[0] <= 2 * num_experts}
-    experts_tail = max(expert_rows.values()) - num_experts
-    if experts_tail and experts_tail != tail:
-        raise Unsupported(f"the experts module holds {experts_tail} classes after the E={num_experts} routed experts "
-                          f"but the router scores {tail}: fair_moe cannot tell which classes are experts")
-    expert_tensors = sorted(n for n, rows in expert_rows.items() if rows in (num_experts, num_experts + experts_tail))
-    count_attributes, tail_attributes = [], []
-    for prefix, module in [("", block), *[(f"{router_path}.{n}".rstrip("."), m)
-                                          for n, m in router_module.named_modules()], (experts_attr, experts_module)]:
-        names = [a for a in _int_attributes(module, num_experts) if "expert" in a]
-        if isinstance(module, nn.Linear) and module.out_features == num_experts:
-            names.append("out_features")
-        count_attributes += [f"{prefix}.{a}" if prefix else a for a in names]
-        if tail:  # attributes that cache E + the trailing classes (LongCat's total_experts)
-            names = [a for a in _int_attributes(module, num_experts + tail) if "expert" in a]
-            if isinstance(module, nn.Linear) and module.out_features == num_experts + tail:
-                names.append("out_features")
-            tail_attributes += [f"{prefix}.{a}" if prefix else a for a in names]
+    router_tensors, selection = _router_tensors(block, router_path, num_experts, tail)
+    expert_tensors, experts_tail = _expert_tensors(experts_module, num_experts, tail)
+    modules = [("", block), *[(f"{router_path}.{n}".rstrip("."), m) for n, m in router_module.named_modules()],
+               (experts_attr, experts_module)]
     top_k = _first_attribute([router_module, block], TOP_K_ATTRIBUTES) or \
         _first_attribute([text_config(model.config)], TOP_K_FIELDS)
     if not top_k:
@@ -282,14 +231,80 @@ def discover(model: nn.Module) -> MoEStructure:
         layers_path=layers_path, block_path=block_path, router_path=router_path, experts_path=experts_attr,
         layer_indices=tuple(indices), num_experts=num_experts, top_k=int(top_k), groups=groups,
         topk_group=topk_group, min_kept_per_group=min_per_group,
-        logits_weight=f"{router_path}.{weight_in_router}", router_tensors=tuple(router_tensors),
-        selection_biases=tuple(selection), expert_tensors=tuple(expert_tensors),
-        count_attributes=tuple(count_attributes), count_fields=count_fields(model.config, num_experts),
+        logits_weight=f"{router_path}.{weight_in_router}", router_tensors=router_tensors,
+        selection_biases=selection, expert_tensors=expert_tensors,
+        count_attributes=_count_attributes(modules, num_experts), count_fields=count_fields(model.config, num_experts),
         model_count_attributes=tuple(_int_attributes(model, num_experts, ("num_experts", "num_local_experts"))),
-        router_tail=tail,
-        experts_tail=experts_tail,
-        tail_count_attributes=tuple(tail_attributes),
+        router_tail=tail, experts_tail=experts_tail,
+        tail_count_attributes=_count_attributes(modules, num_experts + tail) if tail else (),
     )
+
+
+def _locate_experts(model: nn.Module, layers: nn.ModuleList) -> tuple[str, str, int, list[int]]:
+    """(block path, experts attribute, E, decoder indices of the MoE layers): the fused-experts module every MoE
+    layer holds, at the same place in each."""
+    found, indices = None, []
+    for index, layer in enumerate(layers):
+        experts = _find_experts(layer)
+        if not experts:
+            continue
+        if len(experts) > 1:
+            raise Unsupported(f"decoder layer {index} holds {len(experts)} fused-experts modules "
+                              f"({', '.join(name for name, _ in experts)}); fair_moe prunes one expert set per layer")
+        experts_name, num_experts = experts[0]
+        block_path, _, experts_attr = experts_name.rpartition(".")
+        if found is None:
+            found = (block_path, experts_attr, num_experts)
+        elif (block_path, experts_attr) != found[:2]:
+            raise Unsupported(f"MoE blocks sit at different places in different layers ({found[0]!r}, "
+                              f"{block_path!r})")
+        indices.append(index)
+    if found is None:
+        raise Unsupported(f"model_type {model.config.model_type!r} has no MoE layers fair_moe can prune: the decoder "
+                          f"layers of {type(model).__name__} hold no fused-experts module (looked for a module with "
+                          "two or more 3-D parameters sharing a leading expert axis, transformers' gate_up_proj / "
+                          "down_proj experts)")
+    return (*found, indices)
+
+
+def _router_tensors(block: nn.Module, router_path: str, num_experts: int, tail: int
+                    ) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """((block-relative path, expert axis) of every router-side tensor with an expert axis, the selection biases
+    among them): the router's own tensors, and selection biases some families keep on the block itself."""
+    router_tensors, selection = [], []
+    candidates = [(f"{router_path}.{name}", name, tensor, tail)
+                  for name, tensor in _all_tensors(block.get_submodule(router_path)).items()]
+    candidates += [(name, name, tensor, 0) for name, tensor in _direct_tensors(block).items()]
+    for path, name, tensor, trailing in candidates:
+        axis = expert_axis_of(tensor, num_experts, trailing)
+        if axis is not None:
+            router_tensors.append((path, axis))
+            if _is_selection_bias(name):
+                selection.append(path)
+    return tuple(router_tensors), tuple(selection)
+
+
+def _expert_tensors(experts: nn.Module, num_experts: int, tail: int) -> tuple[tuple[str, ...], int]:
+    """(the experts module's tensors with an expert axis first, how many classes past E they also hold)."""
+    rows = {n: t.shape[0] for n, t in _direct_tensors(experts).items() if t.dim() >= 1
+            and num_experts <= t.shape[0] <= 2 * num_experts}
+    experts_tail = max(rows.values()) - num_experts
+    if experts_tail and experts_tail != tail:
+        raise Unsupported(f"the experts module holds {experts_tail} classes after the E={num_experts} routed experts "
+                          f"but the router scores {tail}: fair_moe cannot tell which classes are experts")
+    return tuple(sorted(n for n, r in rows.items() if r in (num_experts, num_experts + experts_tail))), experts_tail
+
+
+def _count_attributes(modules: list[tuple[str, nn.Module]], count: int) -> tuple[str, ...]:
+    """Block-relative paths of the integer attributes (named for experts, or a Linear's out_features) equal to
+    ``count`` on the given (prefix, module) pairs: what caches the expert count and must follow a resize."""
+    found = []
+    for prefix, module in modules:
+        names = [a for a in _int_attributes(module, count) if "expert" in a]
+        if isinstance(module, nn.Linear) and module.out_features == count:
+            names.append("out_features")
+        found += [f"{prefix}.{a}" if prefix else a for a in names]
+    return tuple(found)
 
 
 OTHER_TOWERS = ("vision", "visual", "audio", "talker", "code2wav", "mtp")
