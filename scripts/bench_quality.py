@@ -6,6 +6,8 @@ on several fixtures × two calibration regimes × five budgets.
     python scripts/train_demo_model.py --fixture deepseek
     python scripts/bench_quality.py --out bench_out/battery                  # everything (hours on 2 cores)
     python scripts/bench_quality.py --fixtures demo --regimes sources --budgets 0.25,0.5 --out bench_out/dev
+    python scripts/bench_quality.py --fixtures demo --only-default --out bench_out/dev_rule2   # the default only
+    python scripts/bench_quality.py --out bench_out/all --merge bench_out/b1 bench_out/b2 --defaults bench_out/d
 
 Fixtures: ``demo`` (the shipped qwen2_moe, 32 experts top-4 + a shared expert), ``olmoe`` (32 experts top-4, no
 shared expert), ``mixtral`` (8 experts top-2, renormalised), ``deepseek`` (32 experts top-4, sigmoid + selection
@@ -82,11 +84,26 @@ def evaluate(model, plan, streams) -> float:
         return heldout_perplexity(model, streams)
 
 
-def run_cell(model, tokenizer, scores, streams, budget: float, dense: float) -> dict:
+def run_default(model, scores, streams, budget: float) -> dict:
+    """The default command's plan and compensation at one budget, and its held-out perplexity."""
+    target = Budget(budget)
+    start = time.perf_counter()
+    selection = select_plan(model, EXPERTS, scores, target, "auto", progress=False)
+    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
+    result = {"default_seconds": time.perf_counter() - start, "default": evaluate(model, plan, streams)}
+    chosen = plan.settings["selected"]
+    result["default_method"] = (f"{chosen['allocation']}+{chosen['removal']}"
+                                + (f"+{plan.compensation.kind}" if plan.compensation else ""))
+    return result
+
+
+def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, only_default: bool = False) -> dict:
     """Every method at one budget; {"method": perplexity} plus what the default chose."""
     target = Budget(budget)
     fit_ids = scores.calibration_subset(64)
     result: dict = {"dense": dense}
+    if only_default:
+        return {**result, **run_default(model, scores, streams, budget)}
     for allocation in ALLOCATIONS:
         for signal in SIGNALS:
             if signal not in scores.removal:
@@ -98,14 +115,7 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float) -> 
     paper_signal = "wasserstein" if "wasserstein" in scores.removal else "ean"
     result["paper"] = result[f"tod+{paper_signal}"]
     result["paper_method"] = f"tod+{paper_signal}"
-    start = time.perf_counter()
-    selection = select_plan(model, EXPERTS, scores, target, "auto", progress=False)
-    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
-    result["default_seconds"] = time.perf_counter() - start
-    result["default"] = evaluate(model, plan, streams)
-    chosen = plan.settings["selected"]
-    result["default_method"] = (f"{chosen['allocation']}+{chosen['removal']}"
-                                + (f"+{plan.compensation.kind}" if plan.compensation else ""))
+    result.update(run_default(model, scores, streams, budget))
     kd_plan = make_plan(scores, target, "uniform", "ean")
     kd_plan.compensation = COMPENSATIONS.get("router-kd").fit(model, kd_plan.kept, FitData(fit_ids))
     result["uniform+ean+router-kd"] = evaluate(model, kd_plan, streams)
@@ -159,13 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only-default", action="store_true",
+                   help="run only the default command per cell (e.g. after a change of auto's rule)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="only summarise: the cells.jsonl of these earlier --out folders into OUT/battery.md")
+    p.add_argument("--defaults", type=Path, nargs="*", default=[], metavar="DIR",
+                   help="with --merge: --only-default runs whose default replaces the merged cells' own")
     args = p.parse_args(argv)
     if args.merge:
         cells = [json.loads(line) for folder in args.merge
                  for line in (folder / "cells.jsonl").read_text().splitlines()]
-        return write_summary(cells, args.out)
+        newer = {(c["fixture"], c["regime"], c["budget"]): c for folder in args.defaults
+                 for c in map(json.loads, (folder / "cells.jsonl").read_text().splitlines())}
+        for cell in cells:
+            update = newer.get((cell["fixture"], cell["regime"], cell["budget"]))
+            if update is not None:
+                cell.update({k: update[k] for k in ("default", "default_method", "default_seconds")})
+        return write_summary([c for c in cells if "best_baseline" in c], args.out)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             for budget in budgets:
                 start = time.perf_counter()
                 cell = {"fixture": fixture, "regime": regime, "budget": budget,
-                        **run_cell(model, tokenizer, scores, streams, budget, dense)}
+                        **run_cell(model, tokenizer, scores, streams, budget, dense, args.only_default)}
                 cell["seconds"] = time.perf_counter() - start
                 with log.open("a") as f:
                     f.write(json.dumps(cell) + "\n")
                 print(f"{fixture:8s} {regime:7s} {budget:5.3f} dense {dense:.2f} best baseline "
-                      f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) default {cell['default']:.2f} "
-                      f"({cell['default_method']}) kd {cell['uniform+ean+router-kd']:.2f} [{cell['seconds']:.0f} s]",
-                      flush=True)
+                      f"{cell.get('best_baseline', float('nan')):.2f} ({cell.get('best_baseline_method')}) default "
+                      f"{cell['default']:.2f} ({cell['default_method']}) kd "
+                      f"{cell.get('uniform+ean+router-kd', float('nan')):.2f} [{cell['seconds']:.0f} s]", flush=True)
+    if args.only_default:
+        return 0
     return write_summary([json.loads(line) for line in log.read_text().splitlines()], args.out)
 
 

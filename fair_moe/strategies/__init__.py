@@ -9,9 +9,10 @@ AUTO = "auto"  # the model-judged choice, accepted by --allocation and --compens
 AUTO_ALLOCATION_HELP = ("uniform + ean unless another allocation rule × removal signal beats it clearly: every "
                         "candidate is judged by the KL divergence of the masked model's next-token distribution from "
                         "the dense model's on calibration text the scores did not use, paired window by window; a "
-                        "rival replaces the default only by more than 2 standard errors")
-AUTO_COMPENSATION_HELP = ("fit each compensation marked as an auto candidate and keep one only if it "
-                          "beats none by more than 2 standard errors of the same paired KL")
+                        "rival replaces the default only with a mean gain above 2 standard errors, or lower on "
+                        "clearly more windows than higher (sign test)")
+AUTO_COMPENSATION_HELP = ("fit each compensation marked as an auto candidate and keep one only if it clearly beats "
+                          "none on the same paired KL")
 LAYOUTS = {  # --layout: which plans are allowed
     "any": "layers may keep different counts (loads with trust_remote_code=True; not in vLLM / SGLang / TGI)",
     "stock": "every layer keeps the same count, so the checkpoint is the stock architecture (serving engines)",

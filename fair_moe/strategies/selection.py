@@ -7,16 +7,20 @@ dense model is at hand, and unlike the cross-entropy the KL carries none of the 
 fewer tokens tell candidates apart.
 
 Screening. Every candidate is first judged on the first quarter of the windows; one that is worse than the
-default there by more than ``Z`` paired standard errors is dropped, and only the rest are judged on every window
-(most candidates are clearly worse, so this saves most of the judging time without changing the decision).
+default there by more than ``Z`` paired standard errors of the mean, and higher on most of those windows, is
+dropped, and only the rest are judged on every window (most candidates are clearly worse, so this saves most of
+the judging time without changing the decision).
 
 Deciding. A simple default is kept unless a rival beats it clearly: ``DEFAULT_PLAN`` (uniform allocation with
-the ean signal — the plainest baseline, and the best fixed one on models the old default was not developed on)
-stays unless rivals improve on it, paired window by window, by more than ``Z`` standard errors of that paired
-difference; then the rival with the lowest mean KL among those is taken. Taking the minimum of many noisy means
-favours the luckiest candidate (the winner's curse); a clear paired margin is what survives it. Every
-candidate's mean, standard error and paired gain, and the rule, are recorded in the plan. Compensations are
-decided the same way, for the chosen plan: each auto candidate (fitted on calibration windows) against none.
+the ean signal — the plainest baseline) stays unless rivals improve on it window by window: either their paired
+mean gain exceeds ``Z`` standard errors of the paired difference, or they are lower on clearly more windows than
+higher (a sign test, z > ``Z``) while their mean gain is not clearly negative. The second test is there because
+window KLs are heavy-tailed: one low-entropy window (a table, repeated boilerplate) can hold most of a
+candidate's mean, so a rival lower on 15 of 16 windows can fail the mean test. Of the clear rivals the one with
+the lowest median window KL is taken. Taking the lowest of many noisy means favours the luckiest candidate (the
+winner's curse); a clear paired margin is what survives it. Every candidate's mean, median, standard error, paired
+gain, wins and losses, and the rule, are recorded in the plan. Compensations are decided the same way, for the
+chosen plan: each auto candidate (fitted on calibration windows) against none.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ torch = lazy_module("torch")
 DEFAULT_PLAN = ("uniform", "ean")  # kept unless a rival is clearly better (module docstring)
 Z = 2.0  # standard errors a rival's paired gain must exceed
 CRITERION = "KL(dense || pruned) of next-token distributions (top-32 tokens + rest), mean per window"
-RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it, paired per window, by more than "
-        f"{Z:g} standard errors; then the one of those with the lowest mean KL")
-COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none, paired per window, by more than {Z:g} "
-                     "standard errors; then the one of those with the lowest mean KL")
+CLEAR = (f"paired per window, a mean gain above {Z:g} standard errors, or lower on clearly more windows than "
+         f"higher (sign test z > {Z:g}) with a mean gain not below -{Z:g} standard errors")
+RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it clearly ({CLEAR}); then the one of "
+        "those with the lowest median window KL")
+COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none clearly ({CLEAR}); then the one of "
+                     "those with the lowest median window KL")
 COMPENSATION_FIT_WINDOWS = 32  # calibration windows a compensation is fitted on
 
 
@@ -90,20 +96,39 @@ def judging_windows(scores: Scores):
 def _summary(kl, default_kl) -> dict:
     gain, gain_se = paired_difference(default_kl, kl)
     se = kl.std(unbiased=True).item() / len(kl) ** 0.5 if len(kl) > 1 else float("inf")
-    return {"kl_mean": kl.mean().item(), "kl_se": se, "gain_vs_default": gain, "gain_se": gain_se}
+    diff = default_kl - kl
+    return {"kl_mean": kl.mean().item(), "kl_se": se, "kl_median": kl.median().item(), "gain_vs_default": gain,
+            "gain_se": gain_se, "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+
+
+def sign_z(row: dict) -> float:
+    """The sign test's z of a row's paired windows: (wins − losses) / √(wins + losses), 0 without any."""
+    decided = row.get("wins", 0) + row.get("losses", 0)
+    return (row.get("wins", 0) - row.get("losses", 0)) / decided ** 0.5 if decided else 0.0
+
+
+def clearly_better(row: dict) -> bool:
+    """A rival clearly beats the default: its paired mean gain exceeds ``Z`` standard errors, or it is lower on
+    clearly more windows than it is higher (sign test z > ``Z``) without a mean gain clearly below zero. Window
+    KLs are heavy-tailed (a single low-entropy window, a table or repeated boilerplate, can hold most of a
+    candidate's mean), which a mean test alone cannot see past."""
+    gain, se = row["gain_vs_default"], row["gain_se"]
+    return gain > Z * se or (sign_z(row) > Z and gain > -Z * se)
 
 
 def clearly_worse(kl, default_kl) -> bool:
-    """Worse than the default by more than ``Z`` paired standard errors (dropped at screening)."""
+    """Worse than the default by more than ``Z`` paired standard errors on the mean and higher on most windows
+    (dropped at screening)."""
     row = _summary(kl, default_kl)
-    return row["gain_vs_default"] < -Z * row["gain_se"]
+    return row["gain_vs_default"] < -Z * row["gain_se"] and row["losses"] > row["wins"]
 
 
 def clear_winner(rows: list[dict], default_index: int) -> int:
-    """The rule: of the rows whose paired gain over the default exceeds ``Z`` standard errors, the one with the
-    lowest mean; the default when there is none."""
-    clear = [i for i, row in enumerate(rows) if i != default_index and row["gain_vs_default"] > Z * row["gain_se"]]
-    return min(clear, key=lambda i: (rows[i]["kl_mean"], i)) if clear else default_index
+    """The rule: of the rows that clearly beat the default (``clearly_better``), the one with the lowest median
+    window KL (then the lowest mean); the default when there is none."""
+    clear = [i for i, row in enumerate(rows) if i != default_index and clearly_better(row)]
+    return min(clear, key=lambda i: (rows[i].get("kl_median", rows[i]["kl_mean"]), rows[i]["kl_mean"], i)) \
+        if clear else default_index
 
 
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",

@@ -207,10 +207,11 @@ class Console:
             selection = s.get("selection", {})
             print(f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows, "
                   f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):")
-            print("  allocation removal        mean KL ± se          gain ± se")
+            print("  allocation removal        mean KL ± se   median KL   gain ± se   lower / higher windows")
             for c in sorted(s["candidates"], key=lambda c: c["kl_mean"]):
                 print(f"  {c['allocation']:10s} {c['removal']:12s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
-                      f"{c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}")
+                      f"{c.get('kl_median', float('nan')):.4g}  {c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}  "
+                      f"{c.get('wins', 0)} / {c.get('losses', 0)}")
             chosen = s["selected"]
             print(f"rule: {selection.get('rule')}")
             print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
@@ -219,7 +220,8 @@ class Console:
             print("compensations (KL on the same windows):")
             for c in decision["candidates"]:
                 print(f"  {c['compensation']:20s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
-                      f"{c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}")
+                      f"{c.get('kl_median', float('nan')):.4g}  {c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}  "
+                      f"{c.get('wins', 0)} / {c.get('losses', 0)}")
             print(f"rule: {decision['rule']}")
         allocation, removal = chosen_method(plan)
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")

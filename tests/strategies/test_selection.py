@@ -80,8 +80,8 @@ def test_the_chosen_plans_kl_is_its_masked_models(model_and_scores):
 def test_a_rival_replaces_the_default_only_by_a_clear_margin(gain, se, switches):
     from fair_moe.strategies.selection import clear_winner
 
-    rows = [{"kl_mean": 0.30, "gain_vs_default": 0.0, "gain_se": 0.0},
-            {"kl_mean": 0.30 - gain, "gain_vs_default": gain, "gain_se": se}]
+    rows = [{"kl_mean": 0.30, "gain_vs_default": 0.0, "gain_se": 0.0, "wins": 0, "losses": 0},
+            {"kl_mean": 0.30 - gain, "gain_vs_default": gain, "gain_se": se, "wins": 8, "losses": 8}]
     assert clear_winner(rows, 0) == (1 if switches else 0)
 
 
@@ -92,6 +92,55 @@ def test_a_noisy_lower_mean_does_not_hide_a_clear_winner():
             {"kl_mean": 0.25, "gain_vs_default": 0.05, "gain_se": 0.04},   # lowest mean, but within noise
             {"kl_mean": 0.28, "gain_vs_default": 0.02, "gain_se": 0.005}]  # clearly better
     assert clear_winner(rows, 0) == 2
+
+
+def _row(default, rival):
+    from fair_moe.strategies.selection import _summary
+
+    return _summary(torch.tensor(rival, dtype=torch.float64), torch.tensor(default, dtype=torch.float64))
+
+
+def test_lower_on_clearly_more_windows_wins_despite_one_outlier_window():
+    """15 of 16 windows lower, one window far higher (a low-entropy window the rival breaks): the mean test sees
+    noise, the sign test a clear winner whose mean gain is not clearly negative, so it replaces the default."""
+    from fair_moe.strategies.selection import clear_winner, clearly_better, sign_z
+
+    default = [0.04] * 16
+    rival = [0.02] * 15 + [0.60]  # mean 0.0563 > 0.04, median 0.02
+    row = _row(default, rival)
+    assert row["wins"] == 15 and row["losses"] == 1 and sign_z(row) == pytest.approx(14 / 4)
+    assert row["gain_vs_default"] < 0 and row["gain_vs_default"] > -2 * row["gain_se"]
+    assert clearly_better(row)
+    assert clear_winner([_row(default, default), row], 0) == 1
+
+
+def test_the_sign_test_does_not_excuse_a_clear_loss_on_the_mean():
+    """Lower on 42 of 64 windows by a little, higher on the other 22 by a lot: the sign test alone would switch
+    (z = 20 / 8 = 2.5), but the mean gain is clearly negative, so the default stays."""
+    from fair_moe.strategies.selection import clearly_better, sign_z
+
+    row = _row([0.04] * 64, [0.039] * 42 + [0.06] * 22)
+    assert sign_z(row) == pytest.approx(2.5) and row["gain_vs_default"] < -2 * row["gain_se"]
+    assert not clearly_better(row)
+
+
+def test_twelve_of_sixteen_is_not_clear():
+    """z = (12 − 4) / 4 = 2.0 is not above 2: a rival lower on 12 of 16 windows with no mean gain stays out."""
+    from fair_moe.strategies.selection import clearly_better, sign_z
+
+    row = _row([0.04] * 16, [0.038] * 12 + [0.046] * 4)
+    assert (row["wins"], row["losses"]) == (12, 4) and sign_z(row) == pytest.approx(2.0)
+    assert abs(row["gain_vs_default"]) < 1e-12
+    assert not clearly_better(row)
+
+
+def test_among_clear_rivals_the_lowest_median_wins():
+    from fair_moe.strategies.selection import clear_winner
+
+    default = [0.04] * 16
+    rows = [_row(default, default), _row(default, [0.02] * 15 + [0.9]), _row(default, [0.03] * 16)]
+    assert rows[2]["kl_mean"] < rows[1]["kl_mean"]  # the mean would pick the third
+    assert clear_winner(rows, 0) == 1  # the median picks the rival lower on 15 windows
 
 
 def test_auto_without_selection_text_is_refused(model_and_scores):
