@@ -17,7 +17,8 @@ mean gain exceeds ``Z`` standard errors of the paired difference, or they are lo
 higher (a sign test, z > ``Z``) while their mean gain is not clearly negative. The second test is there because
 window KLs are heavy-tailed: one low-entropy window (a table, repeated boilerplate) can hold most of a
 candidate's mean, so a rival lower on 15 of 16 windows can fail the mean test. Of the clear rivals the one with
-the lowest median window KL is taken. Taking the lowest of many noisy means favours the luckiest candidate (the
+the lowest mean KL is taken (the expected divergence is what held-out perplexity follows; picking by the median
+was tried and chose plans that are good on typical windows and bad on the rest). Taking the lowest of many noisy means favours the luckiest candidate (the
 winner's curse); a clear paired margin is what survives it. Every candidate's mean, median, standard error, paired
 gain, wins and losses, and the rule, are recorded in the plan. Compensations are decided the same way, for the
 chosen plan: each auto candidate (fitted on calibration windows) against none.
@@ -48,9 +49,9 @@ CRITERION = "KL(dense || pruned) of next-token distributions (top-32 tokens + re
 CLEAR = (f"paired per window, a mean gain above {Z:g} standard errors, or lower on clearly more windows than "
          f"higher (sign test z > {Z:g}) with a mean gain not below -{Z:g} standard errors")
 RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it clearly ({CLEAR}); then the one of "
-        "those with the lowest median window KL")
+        "those with the lowest mean KL")
 COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none clearly ({CLEAR}); then the one of "
-                     "those with the lowest median window KL")
+                     "those with the lowest mean KL")
 COMPENSATION_FIT_WINDOWS = 32  # calibration windows a compensation is fitted on
 
 
@@ -124,11 +125,10 @@ def clearly_worse(kl, default_kl) -> bool:
 
 
 def clear_winner(rows: list[dict], default_index: int) -> int:
-    """The rule: of the rows that clearly beat the default (``clearly_better``), the one with the lowest median
-    window KL (then the lowest mean); the default when there is none."""
+    """The rule: of the rows that clearly beat the default (``clearly_better``), the one with the lowest mean
+    window KL (the expected divergence, which held-out perplexity follows); the default when there is none."""
     clear = [i for i, row in enumerate(rows) if i != default_index and clearly_better(row)]
-    return min(clear, key=lambda i: (rows[i].get("kl_median", rows[i]["kl_mean"]), rows[i]["kl_mean"], i)) \
-        if clear else default_index
+    return min(clear, key=lambda i: (rows[i]["kl_mean"], i)) if clear else default_index
 
 
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",

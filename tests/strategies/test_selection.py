@@ -134,13 +134,16 @@ def test_twelve_of_sixteen_is_not_clear():
     assert not clearly_better(row)
 
 
-def test_among_clear_rivals_the_lowest_median_wins():
-    from fair_moe.strategies.selection import clear_winner
+def test_among_clear_rivals_the_lowest_mean_wins():
+    """Both rivals are clear (one by the sign test, one by the mean); the expected divergence decides, not the
+    median: the rival lower on 15 windows but far higher on one has the lower median and the higher mean."""
+    from fair_moe.strategies.selection import clear_winner, clearly_better
 
     default = [0.04] * 16
     rows = [_row(default, default), _row(default, [0.02] * 15 + [0.9]), _row(default, [0.03] * 16)]
-    assert rows[2]["kl_mean"] < rows[1]["kl_mean"]  # the mean would pick the third
-    assert clear_winner(rows, 0) == 1  # the median picks the rival lower on 15 windows
+    assert clearly_better(rows[1]) and clearly_better(rows[2])
+    assert rows[1]["kl_median"] < rows[2]["kl_median"] and rows[2]["kl_mean"] < rows[1]["kl_mean"]
+    assert clear_winner(rows, 0) == 2
 
 
 def test_auto_without_selection_text_is_refused(model_and_scores):
