@@ -18,10 +18,11 @@ higher (a sign test, z > ``Z``) while their mean gain is not clearly negative. T
 window KLs are heavy-tailed: one low-entropy window (a table, repeated boilerplate) can hold most of a
 candidate's mean, so a rival lower on 15 of 16 windows can fail the mean test. Of the clear rivals the one with
 the lowest mean KL is taken (the expected divergence is what held-out perplexity follows; picking by the median
-was tried and chose plans that are good on typical windows and bad on the rest). Taking the lowest of many noisy means favours the luckiest candidate (the
-winner's curse); a clear paired margin is what survives it. Every candidate's mean, median, standard error, paired
-gain, wins and losses, and the rule, are recorded in the plan. Compensations are decided the same way, for the
-chosen plan: each auto candidate (fitted on calibration windows) against none.
+was tried and chose plans that are good on typical windows and bad on the rest). Taking the lowest of many noisy
+means favours the luckiest candidate (the winner's curse); a clear paired margin is what survives it. Every
+candidate's mean, median, standard error, paired gain, wins and losses, and the rule, are recorded in the plan.
+Compensations are decided the same way, for the chosen plan: each auto candidate (fitted on calibration windows)
+against none.
 """
 
 from __future__ import annotations
