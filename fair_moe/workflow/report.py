@@ -181,6 +181,32 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
     plt.close(fig)
 
 
+def _kl_columns(row: dict) -> str:
+    """A candidate's mean KL ± se, median KL, paired gain ± se and window wins / losses, in fixed columns."""
+    return (f"{row['kl_mean']:8.4f} ± {row['kl_se']:<7.4f} {row.get('kl_median', float('nan')):8.4f}  "
+            f"{row['gain_vs_default']:+8.4f} ± {row['gain_se']:<7.4f} {row.get('wins', 0):3d} / {row.get('losses', 0)}")
+
+
+def candidate_table(settings: dict) -> list[str]:
+    """The lines that show auto's candidates: the judged ones by mean KL, then those dropped at screening, whose
+    numbers cover only the screening windows (so their mean KL is not comparable with the judged ones')."""
+    selection = settings.get("selection", {})
+    screening = selection.get("screening", "")
+    judged = sorted((c for c in settings["candidates"] if not c.get("screened_out")), key=lambda c: c["kl_mean"])
+    dropped = sorted((c for c in settings["candidates"] if c.get("screened_out")), key=lambda c: c["kl_mean"])
+    lines = [f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows, "
+             f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):",
+             f"  {'allocation':10s} {'removal':12s} {'mean KL ± se':<19s}{'median KL':>8s}  {'gain ± se':<19s}"
+             "lower / higher windows"]
+    lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in judged]
+    if dropped:
+        lines.append(f"  dropped at screening ({screening.split(';')[0]}; numbers over those windows only):")
+        lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in dropped]
+    chosen = settings["selected"]
+    lines += [f"rule: {selection.get('rule')}", f"auto chose {chosen['allocation']} + {chosen['removal']}"]
+    return lines
+
+
 class Console:
     """What a run prints: the layout before any work, the plans, the perplexity table, the time each phase took,
     where it wrote. ``quiet`` keeps only the last (errors go to stderr regardless)."""
@@ -204,24 +230,12 @@ class Console:
             return
         s = plan.settings
         if "candidates" in s:
-            selection = s.get("selection", {})
-            print(f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows, "
-                  f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):")
-            print("  allocation removal        mean KL ± se   median KL   gain ± se   lower / higher windows")
-            for c in sorted(s["candidates"], key=lambda c: c["kl_mean"]):
-                print(f"  {c['allocation']:10s} {c['removal']:12s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
-                      f"{c.get('kl_median', float('nan')):.4g}  {c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}  "
-                      f"{c.get('wins', 0)} / {c.get('losses', 0)}")
-            chosen = s["selected"]
-            print(f"rule: {selection.get('rule')}")
-            print(f"auto chose {chosen['allocation']} + {chosen['removal']}")
+            print("\n".join(candidate_table(s)))
         decision = s.get("compensation_decision")
         if decision:
             print("compensations (KL on the same windows):")
             for c in decision["candidates"]:
-                print(f"  {c['compensation']:20s} {c['kl_mean']:.4g} ± {c['kl_se']:.4g}  "
-                      f"{c.get('kl_median', float('nan')):.4g}  {c['gain_vs_default']:+.4g} ± {c['gain_se']:.4g}  "
-                      f"{c.get('wins', 0)} / {c.get('losses', 0)}")
+                print(f"  {c['compensation']:20s} " + _kl_columns(c))
             print(f"rule: {decision['rule']}")
         allocation, removal = chosen_method(plan)
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")
