@@ -101,7 +101,10 @@ def status(name: str, config, outcome: dict[str, int] | None) -> tuple[str, str,
     if structure.selection_biases:
         notes.append("selection bias")
     if name not in SUPPORTED:
-        return "no", "-", "structure found, but not in the tested set"
+        from zoo import ZOO  # the zoo says what is unusual about a type it cannot test yet
+        unusual = ZOO.get(name, {}).get("why")
+        return "no", "-", f"structure found, but not handled yet: {unusual}" if unusual else \
+            "structure found, but not in the tested set"
     if outcome is None:
         return "no", "-", "no test results for it"
     total = sum(outcome.values()) - outcome["skipped"]

@@ -45,7 +45,7 @@ EOS = "<|endoftext|>"
 FIXTURES = {  # name → arguments; outputs go to bench_out/fixtures/<name>/
     "olmoe": {"arch": "olmoe", "steps": 800, "corpus_seed": 0},
     "mixtral": {"arch": "mixtral", "steps": 1000, "corpus_seed": 1},
-    "deepseek": {"arch": "deepseek_v3", "steps": 1000, "corpus_seed": 2},
+    "deepseek": {"arch": "deepseek_v3", "steps": 500, "corpus_seed": 2},  # the battery's deepseek cells: 500 steps
 }
 
 
