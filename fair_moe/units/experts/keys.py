@@ -41,6 +41,8 @@ class ExpertKeyRewriter:
         self.plan = plan
         self.adapter = adapter
         self.config = config
+        # classes a router scores after the routed experts (kept after the kept experts)
+        self.tail = adapter.structure(config).router_tail if config is not None else 0
         self.user_transform = transform
         self.quantized = quantized
         self.kept = {layer: sorted(ids) for layer, ids in plan.kept.items()}
@@ -63,15 +65,14 @@ class ExpertKeyRewriter:
             self.experts_seen[layer].add(ref.expert)
             return ref.renumbered(self.new_id[layer][ref.expert]), self.transform(ref, load())
         tensor = load()
-        tail = self.adapter.structure(self.config).router_tail if self.config is not None else 0
         if ref.part == "experts":
-            if tensor.shape[0] not in (self.plan.width, self.plan.width + tail):
+            if tensor.shape[0] not in (self.plan.width, self.plan.width + self.tail):
                 raise FairMoeError(f"fused expert tensor {key} has first dimension {tensor.shape[0]}, "
                                    f"not the expert count {self.plan.width}")
             self.fused_seen[layer] += 1
             index = expert_index(self.kept[layer], tensor.shape[0], self.plan.width)
             return key, self.transform(ref, tensor).index_select(0, index)
-        if tensor.dim() <= ref.axis or tensor.shape[ref.axis] not in (self.plan.width, self.plan.width + tail):
+        if tensor.dim() <= ref.axis or tensor.shape[ref.axis] not in (self.plan.width, self.plan.width + self.tail):
             return key, tensor
         self.routers_seen[layer] += 1
         index = expert_index(self.kept[layer], tensor.shape[ref.axis], self.plan.width)

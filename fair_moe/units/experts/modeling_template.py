@@ -23,16 +23,14 @@ def resize_moe_layers(model, config):
     for key, count in config.fair_moe_experts_per_layer.items():
         layer = layers[int(key)]
         block = layer.get_submodule(layout["block_path"]) if layout["block_path"] else layer
+        # built for the config's (largest) count; classes a router scores after the routed experts stay
+        built = getattr(text, layout["count_fields"][0]) if layout["count_fields"] else count
         for path, axis in layout["router_tensors"]:
             module_path, _, name = path.rpartition(".")
             module = block.get_submodule(module_path) if module_path else block
-            # built for the config's (largest) count; classes a router scores after the routed experts stay
-            built = getattr(text, layout["count_fields"][0]) if layout["count_fields"] else count
-            extra = getattr(module, name).shape[axis] - built
-            _resize_tensor(module, name, count + extra, axis)
+            _resize_tensor(module, name, count + getattr(module, name).shape[axis] - built, axis)
         experts = block.get_submodule(layout["experts_path"])
         for name in layout["experts_tensors"]:
-            built = getattr(text, layout["count_fields"][0]) if layout["count_fields"] else count
             _resize_tensor(experts, name, count + getattr(experts, name).shape[0] - built, 0)
         for paths, value in ((layout["count_attributes"], count),
                              (layout.get("tail_count_attributes", ()), count + layout.get("router_tail", 0))):

@@ -58,7 +58,6 @@ class ExpertMask(TorchFunctionMode):
         self.num_experts = num_experts
         self.widths = (num_experts, num_experts + tail)  # a router may score classes after the routed experts
         self.removed = removed
-        self.tail = tail
         self.scale = scale
         self.weight_views: dict[int, torch.Tensor] = {}
         self.bias_views: dict[int, torch.Tensor] = {}
@@ -95,7 +94,6 @@ class ExpertMask(TorchFunctionMode):
             self.masked[id(out)] = out
         self.changed += 1
         return out
-
 
     def _removed(self, out: torch.Tensor) -> torch.Tensor:
         """The removed-expert mask for scores ``out [..., E or E + tail]`` (trailing classes are never removed)."""
