@@ -81,15 +81,18 @@ class DenseReference:
         self.batch_size = batch_size
         if model is None:  # filled by ``split``
             return
-        ids, logp, rest = [], [], []
+        ids, logp, rest, nll = [], [], [], []
         for batch in self._batches():
-            top, index, tail = _top_and_rest(_log_probs(model, batch), top_k)
+            full = _log_probs(model, batch)
+            nll.append(-full.gather(-1, batch[:, 1:, None].to(full.device)).squeeze(-1).double().cpu().mean(-1))
+            top, index, tail = _top_and_rest(full, top_k)
             ids.append(index)
             logp.append(top)
             rest.append(tail)
         self.top_ids = torch.cat(ids)  # [n, S-1, k]
         self.top_logp = torch.cat(logp)  # [n, S-1, k]
         self.rest_logp = torch.cat(rest)  # [n, S-1]
+        self.dense_nll = torch.cat(nll)  # [n] the dense model's mean next-token cross-entropy per window
 
     def split(self, n: int) -> tuple[DenseReference, DenseReference]:
         """The first ``n`` windows and the rest, as two references (nothing is recomputed)."""
@@ -97,6 +100,7 @@ class DenseReference:
         for rows in (slice(0, n), slice(n, None)):
             part = DenseReference(None, self.input_ids[rows], self.batch_size)
             part.top_ids, part.top_logp, part.rest_logp = self.top_ids[rows], self.top_logp[rows], self.rest_logp[rows]
+            part.dense_nll = self.dense_nll[rows]
             parts.append(part)
         return parts[0], parts[1]
 

@@ -48,7 +48,7 @@ def rank_tokens(samples: int, seq_len: int, world: int) -> list[int]:
     from fair_moe.workflow.scoring import selection_windows
 
     data = text_batches(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR), bundled_sources(), samples, seq_len, 8, 0,
-                        selection_windows(samples))
+                        selection_windows(samples), selection_windows(samples))
     return [sum(b.numel() for _, b in data.batches[r::world]) for r in range(world)]
 
 

@@ -41,7 +41,7 @@ def floor_seconds(model_dir: str, files: list[Path], samples: int, seq_len: int,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     data = text_batches(tokenizer, sources_from_files(files), samples, seq_len, batch_size, 0,
-                        selection_windows(samples))
+                        selection_windows(samples), selection_windows(samples))
     result = {"tokens": sum(b.numel() for _, b in data.batches)}
     for name in ("params", "activations"):
         start = time.perf_counter()

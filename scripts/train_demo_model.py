@@ -4,6 +4,7 @@
     python scripts/train_demo_model.py --fixture olmoe        # -> bench_out/fixtures/olmoe/{model,calib,heldout}
     python scripts/train_demo_model.py --fixture mixtral      # 8 experts, top-2, renormalised
     python scripts/train_demo_model.py --fixture deepseek     # sigmoid + selection bias, shared expert
+    python scripts/train_demo_model.py --fixture qwen3        # 16 experts, top-2, renormalised, no shared expert
 
 Fixtures are the models the quality benchmark (scripts/bench_quality.py) runs on besides the demo; each
 takes its own train / calibration / held-out split of the corpus (``--corpus-seed``), so its held-out text
@@ -35,6 +36,7 @@ from transformers import (
     OlmoeConfig,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +48,7 @@ FIXTURES = {  # name → arguments; outputs go to bench_out/fixtures/<name>/
     "olmoe": {"arch": "olmoe", "steps": 800, "corpus_seed": 0},
     "mixtral": {"arch": "mixtral", "steps": 1000, "corpus_seed": 1},
     "deepseek": {"arch": "deepseek_v3", "steps": 500, "corpus_seed": 2},  # the battery's deepseek cells: 500 steps
+    "qwen3": {"arch": "qwen3_moe", "steps": 500, "corpus_seed": 3},  # trained after auto's sequential judging
 }
 
 
@@ -99,7 +102,11 @@ def build_config(arch: str, vocab_size: int):
                                 moe_intermediate_size=64, intermediate_size=256, first_k_dense_replace=0, n_group=1,
                                 topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=None,
                                 kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
-    raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe, olmoe, mixtral or deepseek_v3")
+    if arch == "qwen3_moe":  # 16 mid-sized experts, top-2, renormalised, no shared expert
+        common.update(num_experts=16, num_experts_per_tok=2)
+        return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=256, moe_intermediate_size=128,
+                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe, olmoe, mixtral, deepseek_v3 or qwen3_moe")
 
 
 class SelectionBiasBalancer:
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixture", choices=sorted(FIXTURES), help="a benchmark fixture: its preset arguments, "
                         "output in bench_out/fixtures/NAME/ (model/, calib/, heldout/)")
-    parser.add_argument("--arch", default="qwen2_moe", choices=["qwen2_moe", "olmoe", "mixtral", "deepseek_v3"])
+    parser.add_argument("--arch", default="qwen2_moe",
+                        choices=["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3_moe"])
     parser.add_argument("--out", type=Path, default=ROOT / "fair_moe" / "data" / "demo_model")
     parser.add_argument("--samples-out", type=Path, default=ROOT / "fair_moe" / "data",
                         help="where calib/ and heldout/ text samples go (skipped with --no-samples)")

@@ -175,13 +175,14 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def text_batches(tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int,
-                 selection_samples: int) -> CalibrationBatches:
-    """Calibration windows in batches of one source each, plus selection windows the calibration does not use."""
-    batches, selection_ids = make_calibration_split(tokenizer, sources, samples, seq_len, batch_size, seed,
-                                                    selection_samples)
+                 selection_samples: int, second_look: int = 0) -> CalibrationBatches:
+    """Calibration windows in batches of one source each, plus selection windows the calibration does not use
+    (``make_calibration_split``; ``meta["first_look"]`` says how many of them form the first judging look)."""
+    batches, selection_ids, first_look = make_calibration_split(tokenizer, sources, samples, seq_len, batch_size,
+                                                                seed, selection_samples, second_look)
     tokens = sum(b.numel() for _, b in batches)
     meta = {"sources": [s.name for s in sources], "samples": sum(len(b) for _, b in batches), "seq_len": seq_len,
-            "tokens": tokens, "seed": seed}
+            "tokens": tokens, "seed": seed, "first_look": first_look}
     calibration_ids = torch.cat([b for _, b in batches]) if batches else None
     return CalibrationBatches(batches, len(sources), meta, calibration_ids, selection_ids)
 
@@ -195,12 +196,15 @@ def make_batches(
 
 def make_calibration_split(
     tokenizer, sources: list[CalibrationSource], samples: int, seq_len: int, batch_size: int, seed: int,
-    selection_samples: int,
-) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
-    """Calibration batches as in ``make_batches``, plus ``selection_samples`` windows [n, seq_len] that the
-    calibration does not use (for scoring candidate plans). Selection windows come from text left over
-    after the calibration windows were drawn; only when a source has too little left are some of its
-    drawn windows held out of the calibration instead (it keeps at least one)."""
+    selection_samples: int, second_look: int = 0,
+) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor, int]:
+    """Calibration batches as in ``make_batches``, plus selection windows [n, seq_len] that the calibration does
+    not use (for judging candidate plans), and how many of them form the first look.
+
+    The first look is ``selection_samples`` windows, the second ``second_look`` more, each taken in turn from
+    every source (``interleave``). Both come from text left over after the calibration windows were drawn, or,
+    when a source has too little left, from some of its drawn windows held out of the calibration instead (it
+    keeps at least one); a source's first look is filled first."""
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
     gen = torch.Generator().manual_seed(seed)
@@ -213,8 +217,10 @@ def make_calibration_split(
     per_source_sel = [
         selection_samples // len(sources) + (i < selection_samples % len(sources)) for i in range(len(sources))
     ]
-    batches, selection = [], []
-    for klass, (source, wanted, wanted_sel) in enumerate(zip(sources, per_source, per_source_sel, strict=True)):
+    per_source_second = [second_look // len(sources) + (i < second_look % len(sources)) for i in range(len(sources))]
+    batches, selection, later = [], [], []
+    for klass, (source, wanted, wanted_sel, wanted_second) in enumerate(
+            zip(sources, per_source, per_source_sel, per_source_second, strict=True)):
         stream = token_stream(tokenizer, source.texts)
         available = len(stream) // seq_len
         if available == 0:
@@ -227,16 +233,28 @@ def make_calibration_split(
                 "calibration source %r gives %d windows of %d tokens, not %d", source.name, available, seq_len, wanted
             )
         order = torch.randperm(available, generator=gen)
-        chosen, held = order[:wanted], order[wanted : wanted + wanted_sel]
-        short = wanted_sel - len(held)
+        held_out = wanted_sel + wanted_second
+        chosen, held = order[:wanted], order[wanted : wanted + held_out]
+        short = held_out - len(held)
         if short > 0 and len(chosen) > 1:  # too little text left over: hold out some of the drawn windows instead
             take = min(short, len(chosen) - 1)
             chosen, held = chosen[:-take], torch.cat([held, chosen[-take:]])
-        chosen, held = chosen.sort().values.tolist(), held.sort().values.tolist()
-        selection.extend(stream[i * seq_len : (i + 1) * seq_len] for i in held)
+        first, second = held[:wanted_sel].sort().values.tolist(), held[wanted_sel:].sort().values.tolist()
+        chosen = chosen.sort().values.tolist()
+        selection.append([stream[i * seq_len : (i + 1) * seq_len] for i in first])
+        later.append([stream[i * seq_len : (i + 1) * seq_len] for i in second])
         if not chosen:
             continue
         windows = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in chosen])
         batches.extend((klass, windows[i : i + batch_size]) for i in range(0, len(windows), batch_size))
-    selection_ids = torch.stack(selection) if selection else torch.zeros(0, seq_len, dtype=torch.long)
-    return batches, selection_ids
+    first, second = interleave(selection), interleave(later)
+    windows = first + second
+    selection_ids = torch.stack(windows) if windows else torch.zeros(0, seq_len, dtype=torch.long)
+    return batches, selection_ids, len(first)
+
+
+def interleave(per_source: list[list]) -> list:
+    """Items taken in turn from each list (first of each, then second of each, ...), so that every prefix of the
+    result covers the sources evenly: judging looks at prefixes of the selection windows."""
+    longest = max((len(items) for items in per_source), default=0)
+    return [items[i] for i in range(longest) for items in per_source if i < len(items)]

@@ -51,8 +51,8 @@ def compute_scores(model, tokenizer, sources: list[CalibrationSource], samples: 
                    selection_samples: int | None = None) -> Scores:
     """One calibration pass over text ``sources`` (one class each); every removal signal and Taylor.
 
-    ``selection_samples`` windows (default samples // 8, at least 4) of text the pass does not use are kept
-    in the scores for ``--allocation auto`` to judge candidate plans on.
+    ``selection_samples`` windows (default samples // 8, at least 8) of text the pass does not use are kept
+    in the scores for ``--allocation auto``'s first judging look, and as many again for its second look.
     """
     from fair_moe.calibration.text import text_batches
     from fair_moe.workflow.scoring import selection_windows
@@ -61,7 +61,7 @@ def compute_scores(model, tokenizer, sources: list[CalibrationSource], samples: 
     unit.check_config(model.config)
     CalibrationSettings(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed).validate()
     held = selection_windows(samples) if selection_samples is None else selection_samples
-    data = text_batches(tokenizer, sources, samples, seq_len, batch_size, seed, held)
+    data = text_batches(tokenizer, sources, samples, seq_len, batch_size, seed, held, held)
     return score(model, unit, data, seed, layerwise, progress)
 
 

@@ -184,7 +184,9 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
 def _kl_columns(row: dict) -> str:
     """A candidate's mean KL ± se, median KL, paired gain ± se and window wins / losses, in fixed columns."""
     return (f"{row['kl_mean']:8.4f} ± {row['kl_se']:<7.4f} {row.get('kl_median', float('nan')):8.4f}  "
-            f"{row['gain_vs_default']:+8.4f} ± {row['gain_se']:<7.4f} {row.get('wins', 0):3d} / {row.get('losses', 0)}")
+            f"{row['gain_vs_default']:+8.4f} ± {row['gain_se']:<7.4f} "
+            f"{row.get('wins', 0):3d} / {row.get('losses', 0):<3d}"
+            + (f" {row['windows']:5d}" if "windows" in row else ""))
 
 
 def candidate_table(settings: dict) -> list[str]:
@@ -194,16 +196,20 @@ def candidate_table(settings: dict) -> list[str]:
     screening = selection.get("screening", "")
     judged = sorted((c for c in settings["candidates"] if not c.get("screened_out")), key=lambda c: c["kl_mean"])
     dropped = sorted((c for c in settings["candidates"] if c.get("screened_out")), key=lambda c: c["kl_mean"])
-    lines = [f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows, "
-             f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired):",
+    looks = (f" in two looks of {selection['first_look']} + {selection['second_look']}"
+             if selection.get("second_look") else "")
+    lines = [f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows{looks}, "
+             f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired over the "
+             "windows both were judged on):",
              f"  {'allocation':10s} {'removal':12s} {'mean KL ± se':<19s}{'median KL':>8s}  {'gain ± se':<19s}"
-             "lower / higher windows"]
+             "lower / higher  windows"]
     lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in judged]
     if dropped:
         lines.append(f"  dropped at screening ({screening.split(';')[0]}; numbers over those windows only):")
         lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in dropped]
     chosen = settings["selected"]
-    lines += [f"rule: {selection.get('rule')}", f"auto chose {chosen['allocation']} + {chosen['removal']}"]
+    lines += [f"rule: {selection.get('rule')}"] + ([f"looks: {selection['looks']}"] if "looks" in selection else [])
+    lines += [f"auto chose {chosen['allocation']} + {chosen['removal']}"]
     return lines
 
 

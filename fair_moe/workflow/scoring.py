@@ -23,7 +23,7 @@ def text_sources(settings: CalibrationSettings, tokenizer=None, model: str | Non
     if settings.files:
         return sources_from_files(list(settings.files), settings.text_field, tokenizer)
     if settings.datasets:
-        chars = 8 * settings.seq_len * (settings.samples + selection_windows(settings.samples))
+        chars = 8 * settings.seq_len * (settings.samples + 2 * selection_windows(settings.samples))
         return [sources_from_dataset(spec, tokenizer, chars_needed=chars) for spec in settings.dataset_specs()]
     if model is not None and not is_demo_model(model):
         raise FairMoeError("no calibration data given: pass text like your model's use with --calib-file FILE "
@@ -43,8 +43,9 @@ def is_demo_model(model: str) -> bool:
 
 
 def selection_windows(samples: int) -> int:
-    """Windows of calibration text held out of the scores for ``auto`` to judge plans on: an eighth as many as the
-    calibration windows, at least 8 (the paired KL comparison needs a dozen or so; more costs judging time)."""
+    """Windows of calibration text held out of the scores for ``auto``'s first judging look: an eighth as many as
+    the calibration windows, at least 8 (the paired KL comparison needs a dozen or so; more costs judging time).
+    As many again are held out for the second look (``strategies.selection``)."""
     return max(8, samples // 8)
 
 
@@ -58,8 +59,9 @@ def calibration_data(unit: UnitKind, processor, settings: CalibrationSettings,
     from fair_moe.calibration.text import text_batches
 
     sources = sources if sources is not None else text_sources(settings)
+    held = selection_windows(settings.samples)
     return text_batches(processor, sources, settings.samples, settings.seq_len, settings.batch_size, settings.seed,
-                        selection_windows(settings.samples))
+                        held, held)
 
 
 def score(model, unit: UnitKind, data: CalibrationBatches, seed: int = 0, layerwise: bool = False,

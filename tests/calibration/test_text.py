@@ -71,7 +71,7 @@ def test_a_dataset_is_read_streaming_only_as_far_as_needed(tmp_path):
 def test_a_composite_mix_draws_the_counts_it_names():
     sources = [CalibrationSource("a", ["abcdef " * 400], samples=5), CalibrationSource("b", ["uvwxyz " * 400]),
                CalibrationSource("c", ["0123 " * 500])]
-    batches, _ = make_calibration_split(CharTokenizer(), sources, samples=9, seq_len=16, batch_size=3, seed=0,
+    batches, _, _ = make_calibration_split(CharTokenizer(), sources, samples=9, seq_len=16, batch_size=3, seed=0,
                                         selection_samples=0)
     per_class = {k: sum(len(b) for c, b in batches if c == k) for k in range(3)}
     assert per_class == {0: 5, 1: 2, 2: 2}  # the rest of --samples is shared by the sources without a count

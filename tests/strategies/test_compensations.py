@@ -171,7 +171,7 @@ def test_layer_scale_is_refused_where_expert_outputs_are_normalised():
     plan = PrunePlan(model_type=model.config.model_type, unit="experts", width=8,
                      kept={layer.index: list(range(6)) for layer in layers})
     windows = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    scores = SimpleNamespace(calibration_subset=lambda n: windows, selection_ids=windows)
+    scores = SimpleNamespace(calibration_subset=lambda n: windows, selection_ids=windows, meta={})
     with pytest.raises(FairMoeError, match="--compensate layer-scale cannot be applied.*post_expert_norm"):
         decide_compensation(model, UNIT_KINDS.get("experts"), plan, scores, "layer-scale")
     decided = decide_compensation(model, UNIT_KINDS.get("experts"), plan, scores, "auto")

@@ -31,3 +31,18 @@ def test_no_screening_line_when_every_candidate_was_judged():
                 "selection": {"windows": 6, "tokens": 3000, "rule": "r"},
                 "selected": {"allocation": "uniform", "removal": "ean"}}
     assert not any("dropped at screening" in line for line in candidate_table(settings))
+
+
+def test_each_candidate_shows_the_windows_it_was_judged_on():
+    """After a second look the extended plans cover more windows than the rest: the table says how many."""
+    rows = [{**_row("uniform", "ean", 0.41, 0.0, False, 0, 0), "windows": 32},
+            {**_row("uniform", "reap", 0.32, 0.09, False, 25, 7), "windows": 32},
+            {**_row("tod", "ean", 0.45, -0.02, False, 6, 10), "windows": 16}]
+    settings = {"candidates": rows, "selected": {"allocation": "uniform", "removal": "reap"},
+                "selection": {"windows": 32, "first_look": 16, "second_look": 16, "tokens": 16352, "rule": "r",
+                              "looks": "first look on half"}}
+    lines = candidate_table(settings)
+    assert "in two looks of 16 + 16" in lines[0]
+    by_name = {" ".join(line.split()[:2]): line.split() for line in lines}
+    assert by_name["uniform reap"][-4:] == ["25", "/", "7", "32"] and by_name["tod ean"][-1] == "16"
+    assert "looks: first look on half" in lines
