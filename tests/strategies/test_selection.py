@@ -358,3 +358,28 @@ def test_the_recorded_kl_covers_the_windows_each_candidate_was_judged_on():
         with masked_experts(model, candidate.kept):
             kl = judges[row["windows"]].window_kl(model).mean().item()
         assert kl == pytest.approx(row["kl_mean"], rel=1e-9)
+
+
+def test_one_far_worse_window_costs_at_most_one_standard_error():
+    """One window's loss a among n: the paired mean gain is −a/n + (small gains) and its standard error about a/n,
+    so the sign test may still excuse it; two such windows put the gain near −√2 standard errors: not excused."""
+    from fair_moe.strategies.selection import clearly_better, one_window_loss, sign_z
+
+    one = _row([0.04] * 16, [0.039] * 15 + [0.60])
+    assert one["gain_vs_default"] < 0 and not one_window_loss(one) and sign_z(one) > 2 and clearly_better(one)
+    two = _row([0.04] * 16, [0.039] * 14 + [0.60, 0.60])
+    assert sign_z(two) == pytest.approx(12 / 4) and one_window_loss(two) and not clearly_better(two)
+    assert two["gain_vs_default"] / two["gain_se"] == pytest.approx(-(2 ** 0.5), abs=0.03)
+
+
+def test_lower_on_most_windows_but_worse_on_average_is_not_clear():
+    """The demo cell that set the −1 bound: a rival lower on 22 of 32 windows, far higher on the other 10, mean KL
+    well above the default's (gain ≈ −1.9 standard errors). The sign test alone says z = 2.1; the rule keeps the
+    default."""
+    from fair_moe.strategies.selection import clearly_better, sign_z
+
+    default = [0.30] * 32
+    rival = [0.28 - 0.004 * (i % 5) for i in range(22)] + [0.50 + 0.2 * (i % 3) for i in range(10)]
+    row = _row(default, rival)
+    assert sign_z(row) == pytest.approx(12 / 32 ** 0.5) and row["gain_vs_default"] < -row["gain_se"]
+    assert not clearly_better(row)
