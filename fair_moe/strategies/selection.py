@@ -333,7 +333,7 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
         return window_kl(part, model, unit, plan.kept, records[i])
 
     first = {i: kl_on(judge.first, i) for i in range(len(records))}
-    judged, windows, chosen, extended = judge_in_looks(kl_on, first, 0, judge)
+    judged, windows, chosen, _ = judge_in_looks(kl_on, first, 0, judge)
     rows = [{"compensation": record.kind if record else "none", "windows": windows[i], **judged[i]}
             for i, record in enumerate(records)]
     plan.compensation = records[chosen]

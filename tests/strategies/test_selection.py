@@ -383,3 +383,20 @@ def test_lower_on_most_windows_but_worse_on_average_is_not_clear():
     row = _row(default, rival)
     assert sign_z(row) == pytest.approx(12 / 32 ** 0.5) and row["gain_vs_default"] < -row["gain_se"]
     assert not clearly_better(row)
+
+
+def test_a_saved_scores_file_keeps_its_two_looks(model_and_scores, tmp_path):
+    """--scores FILE judges on the same looks as the run that wrote it; a file from before the second look (no
+    ``first_look`` in its metadata) judges every window in one look."""
+    from fair_moe.core.scores import Scores
+    from fair_moe.strategies.selection import Looks
+
+    model, scores = model_and_scores
+    scores.save(tmp_path / "scores.safetensors")
+    loaded = Scores.load(tmp_path / "scores.safetensors")
+    looks = Looks.of(model, loaded)
+    assert len(looks.first) == 6 and len(looks.later_ids) == 6
+    assert torch.equal(looks.first.input_ids, scores.selection_ids[:6])
+    loaded.meta["calibration"].pop("first_look")
+    old = Looks.of(model, loaded)
+    assert len(old.first) == 12 and old.second() is None
