@@ -86,6 +86,15 @@ class Looks:
         self.model, self.batch_size, self.later_ids = model, batch_size, ids[n:]
         self.first = DenseReference(model, ids[:n], batch_size)
         self._second: DenseReference | None = None
+        self._plain: dict = {}  # (look, kept experts) → window KLs of the plan without compensation
+
+    def plain_kl(self, part: DenseReference, kept: dict[int, list[int]], compute: Callable[[], torch.Tensor]):
+        """The window KLs [n] of an uncompensated plan on ``part`` (a look or a piece of one), computed once: the
+        compensation decision judges the chosen plan without compensation on the looks selection already did."""
+        key = (id(part), tuple(tuple(v) for _, v in sorted(kept.items())))
+        if key not in self._plain:
+            self._plain[key] = compute()
+        return self._plain[key]
 
     @classmethod
     def of(cls, model, scores: Scores, batch_size: int = 4) -> Looks:
@@ -249,13 +258,9 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
     default_index = combos.index(DEFAULT_PLAN)
     first = looks.first
     screen, rest = first.split(max(4, len(first) // 4)) if len(first) >= 8 else (first, None)
-    seen: dict = {}
 
     def kl_on(part: DenseReference, i: int):
-        key = (id(part), tuple(tuple(v) for _, v in sorted(plans[i].kept.items())))
-        if key not in seen:
-            seen[key] = window_kl(part, model, unit, plans[i].kept, None)
-        return seen[key]
+        return looks.plain_kl(part, plans[i].kept, lambda: window_kl(part, model, unit, plans[i].kept, None))
 
     bar = tqdm(total=len(combos) * 2, desc="judging candidate plans", disable=not progress)
     screened = []
@@ -267,7 +272,8 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
     first_kls = {}
     for i in range(len(plans)):
         if i in racing:
-            first_kls[i] = screened[i] if rest is None else torch.cat([screened[i], kl_on(rest, i)])
+            first_kls[i] = screened[i] if rest is None else looks.plain_kl(
+                first, plans[i].kept, lambda i=i: torch.cat([screened[i], kl_on(rest, i)]))
         bar.update()
     bar.close()
     judged, windows, chosen, extended = judge_in_looks(kl_on, first_kls, default_index, looks)
@@ -330,6 +336,8 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
     records = [None] + [fit(c) for c in candidates if c.name not in left_out]
 
     def kl_on(part: DenseReference, i: int):
+        if records[i] is None:
+            return judge.plain_kl(part, plan.kept, lambda: window_kl(part, model, unit, plan.kept, None))
         return window_kl(part, model, unit, plan.kept, records[i])
 
     first = {i: kl_on(judge.first, i) for i in range(len(records))}

@@ -400,3 +400,26 @@ def test_a_saved_scores_file_keeps_its_two_looks(model_and_scores, tmp_path):
     loaded.meta["calibration"].pop("first_look")
     old = Looks.of(model, loaded)
     assert len(old.first) == 12 and old.second() is None
+
+
+def test_the_compensation_decision_reuses_the_chosen_plans_kl(model_and_scores, monkeypatch):
+    """The chosen plan without compensation was judged during selection: deciding its compensation does not run
+    it again, and its "none" row carries the same numbers as the selection's row for that plan."""
+    import fair_moe.strategies.selection as selection_module
+    from fair_moe.strategies.selection import decide_compensation
+
+    model, scores = model_and_scores
+    selection = select_plan(model, EXPERTS, scores, Budget(0.5), progress=False)
+    plain_runs = []
+    real = selection_module.window_kl
+    monkeypatch.setattr(selection_module, "window_kl",
+                        lambda judge, m, u, kept, record: (plain_runs.append(record is None) or True) and
+                        real(judge, m, u, kept, record))
+    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", judge=selection.judge)
+    assert not any(plain_runs) and plain_runs  # compensated candidates ran, the plain plan did not
+    none = plan.settings["compensation_decision"]["candidates"][0]
+    chosen = plan.settings["selected"]
+    row = next(c for c in plan.settings["candidates"]
+               if (c["allocation"], c["removal"]) == (chosen["allocation"], chosen["removal"]))
+    if none["windows"] == row["windows"]:
+        assert none["kl_mean"] == row["kl_mean"]
