@@ -15,20 +15,6 @@ def execution_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``input_ids [n, seq]``."""
-    device = execution_device(model)
-    total, count = 0.0, 0
-    for i in range(0, len(input_ids), batch_size):
-        ids = input_ids[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
-        count += ids[:, 1:].numel()
-    return total / count
-
-
-@torch.no_grad()
 def stream_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None,
                progress: bool = False) -> tuple[float, int]:
     """Summed next-token NLL and the number of scored tokens over ``ids [n]``.

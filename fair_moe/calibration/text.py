@@ -208,19 +208,16 @@ def make_calibration_split(
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise FairMoeError("--samples, --batch-size must be ≥ 1 and --seq-len ≥ 2")
     gen = torch.Generator().manual_seed(seed)
-    per_source = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
+    per_source = spread(samples, len(sources))
     if any(source.samples is not None for source in sources):  # a composite spec: counts given per source
         free = [i for i, source in enumerate(sources) if source.samples is None]
-        rest = max(0, samples - sum(source.samples or 0 for source in sources))
-        per_source = [source.samples if source.samples is not None else
-                      rest // len(free) + (free.index(i) < rest % len(free)) for i, source in enumerate(sources)]
-    per_source_sel = [
-        selection_samples // len(sources) + (i < selection_samples % len(sources)) for i in range(len(sources))
-    ]
-    per_source_second = [second_look // len(sources) + (i < second_look % len(sources)) for i in range(len(sources))]
+        shares = spread(max(0, samples - sum(source.samples or 0 for source in sources)), len(free))
+        per_source = [source.samples if source.samples is not None else shares[free.index(i)]
+                      for i, source in enumerate(sources)]
     batches, selection, later = [], [], []
     for klass, (source, wanted, wanted_sel, wanted_second) in enumerate(
-            zip(sources, per_source, per_source_sel, per_source_second, strict=True)):
+            zip(sources, per_source, spread(selection_samples, len(sources)), spread(second_look, len(sources)),
+                strict=True)):
         stream = token_stream(tokenizer, source.texts)
         available = len(stream) // seq_len
         if available == 0:
@@ -251,6 +248,11 @@ def make_calibration_split(
     windows = first + second
     selection_ids = torch.stack(windows) if windows else torch.zeros(0, seq_len, dtype=torch.long)
     return batches, selection_ids, len(first)
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` counts that differ by at most one, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def interleave(per_source: list[list]) -> list:

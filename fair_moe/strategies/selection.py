@@ -108,10 +108,12 @@ class Looks:
             self._second = DenseReference(self.model, self.later_ids, self.batch_size)
         return self._second
 
-    def describe(self, extended: bool) -> dict:
-        return {"windows": len(self.first) + (len(self.later_ids) if extended else 0),
-                "first_look": len(self.first), "second_look": len(self.later_ids) if extended else 0,
-                "tokens": self.first.tokens + (self._second.tokens if extended and self._second else 0),
+    def describe(self) -> dict:
+        """The windows judged so far: the first look, and the second once it was taken."""
+        second = self._second
+        return {"windows": len(self.first) + (len(second) if second is not None else 0), "first_look": len(self.first),
+                "second_look": len(second) if second is not None else 0,
+                "tokens": self.first.tokens + (second.tokens if second is not None else 0),
                 "dense_loss": self.first.dense_nll.mean().item()}
 
 
@@ -276,7 +278,7 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
                 first, plans[i].kept, lambda i=i: torch.cat([screened[i], kl_on(rest, i)]))
         bar.update()
     bar.close()
-    judged, windows, chosen, extended = judge_in_looks(kl_on, first_kls, default_index, looks)
+    judged, windows, chosen, _ = judge_in_looks(kl_on, first_kls, default_index, looks)
     judged_rows = dict(zip(racing, judged, strict=True))
     rows = []
     for i, ((a, r), plan) in enumerate(zip(combos, plans, strict=True)):
@@ -289,7 +291,7 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
         "allocation": AUTO,
         "selected": {"allocation": combos[chosen][0], "removal": combos[chosen][1], "compensation": "none",
                      "kl_mean": rows[chosen]["kl_mean"]},
-        "selection": {"criterion": CRITERION, "rule": RULE, **looks.describe(extended),
+        "selection": {"criterion": CRITERION, "rule": RULE, **looks.describe(),
                       "screening": f"on {len(screen)} windows first; dropped when worse than the default by more "
                                    f"than {Z:g} paired standard errors",
                       "looks": LOOKS, "default": "+".join(DEFAULT_PLAN)},
