@@ -152,3 +152,48 @@ def test_unknown_option_is_refused():
         KD.parse_options(("stepz=3",))
     with pytest.raises(FairMoeError, match="not a int"):
         KD.parse_options(("steps=many",))
+
+
+@pytest.mark.parametrize("family", list(family_configs()))
+def test_cached_teacher_logits_equal_the_dense_forward(family):
+    from fair_moe.strategies.compensations.router_kd import TeacherLogits
+
+    model = build_model(family_configs()[family], seed=5)
+    teacher = TeacherLogits(model, FIT, batch_size=3)
+    assert teacher.cached
+    index = torch.tensor([6, 1, 4])
+    with torch.no_grad():
+        expected = model(input_ids=FIT[index], use_cache=False).logits
+    torch.testing.assert_close(teacher(index), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_runs_the_forward_where_logits_are_more_than_the_head_output():
+    """granitemoe divides its head's output by ``logits_scaling``: the cached head input would give the wrong
+    teacher, so every call runs the dense forward."""
+    from fair_moe.strategies.compensations.router_kd import TeacherLogits
+
+    config = copy.deepcopy(family_configs()["granitemoe"])
+    config.logits_scaling = 4.0
+    model = build_model(config, seed=5)
+    teacher = TeacherLogits(model, FIT, batch_size=3)
+    assert not teacher.cached
+    index = torch.tensor([2, 7])
+    with torch.no_grad():
+        expected = model(input_ids=FIT[index], use_cache=False).logits
+    torch.testing.assert_close(teacher(index), expected, rtol=0, atol=0)
+
+
+def test_the_teacher_cache_leaves_the_learned_rows_as_they_were(demo_plan, monkeypatch):
+    """The cache only saves forwards: the rows trained with it equal those trained with a dense forward per step."""
+    from fair_moe.strategies.compensations import router_kd
+
+    model, plan, windows = demo_plan
+    options = {**KD.parse_options(()), "steps": 6, "eval_every": 2, "lr": 0.05}
+    cached = KD.fit(model, plan.kept, FitData(windows, batch_size=4, seed=0, options=options))
+    monkeypatch.setattr(router_kd.TeacherLogits, "_capture", lambda self, batch_size: None)
+    forward = KD.fit(model, plan.kept, FitData(windows, batch_size=4, seed=0, options=options))
+    assert cached.fit["teacher_cached"] and not forward.fit["teacher_cached"]
+    assert cached.fit["best_step"] == forward.fit["best_step"] > 0
+    for i, entry in cached.per_layer.items():
+        torch.testing.assert_close(entry["weight"], forward.per_layer[i]["weight"], rtol=0, atol=1e-5)
+    assert cached.fit["held_out_final"] == pytest.approx(forward.fit["held_out_final"], rel=1e-4)

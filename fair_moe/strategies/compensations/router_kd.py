@@ -188,27 +188,72 @@ def _kl(student_logits, teacher_logits) -> torch.Tensor:
     return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+class TeacherLogits:
+    """The dense model's next-token logits for fixed training pieces ``[n, S]``, computed once.
+
+    One no-grad pass keeps each piece's output-embedding input ``hidden [n, S, H]``; the teacher logits of a
+    batch are then ``lm_head(hidden[index])`` ``[B, S, V]``, so a step costs one head product instead of a whole
+    forward, and no ``[n, S, V]`` logits are held. The cache is used only where, on every piece, the model's
+    logits are exactly its output embedding's output (no logit scale or soft cap after it, every position kept);
+    otherwise each call runs the dense forward, as without the cache.
+    """
+
+    def __init__(self, model, pieces, batch_size: int):
+        from fair_moe.metrics import execution_device
+
+        self.model, self.pieces, self.device = model, pieces, execution_device(model)
+        self.head = model.get_output_embeddings()
+        self.hidden = self._capture(batch_size) if self.head is not None else None
+
+    @property
+    def cached(self) -> bool:
+        return self.hidden is not None
+
+    def _capture(self, batch_size: int):
+        """``hidden [n, S, H]`` from one pass, or None when the logits are not the head's output."""
+        seen: list = []
+        handle = self.head.register_forward_hook(lambda _m, args, out: seen.append((args[0].detach(), out)))
+        parts = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.pieces), batch_size):
+                    seen.clear()
+                    logits = self.model(input_ids=self.pieces[i : i + batch_size].to(self.device),
+                                        use_cache=False).logits
+                    if len(seen) != 1 or not torch.equal(seen[0][1], logits):
+                        return None
+                    parts.append(seen[0][0])
+        finally:
+            handle.remove()
+        return torch.cat(parts)
+
+    def __call__(self, index) -> torch.Tensor:
+        """Teacher logits ``[len(index), S, V]`` of the pieces ``index``."""
+        with torch.no_grad():
+            if self.hidden is not None:
+                return self.head(self.hidden[index])
+            return self.model(input_ids=self.pieces[index].to(self.device), use_cache=False).logits
+
+
 def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -> dict:
     from tqdm.auto import tqdm
 
-    from fair_moe.metrics import execution_device
     from fair_moe.units.experts.routing import masked_experts
 
-    device = execution_device(model)
+    teachers = {"train": TeacherLogits(model, train, batch_size), "held": TeacherLogits(model, held, batch_size)}
 
-    def loss_on(ids, grad: bool) -> torch.Tensor:
-        ids = ids.to(device)
-        with torch.no_grad():
-            teacher = model(input_ids=ids, use_cache=False).logits
+    def loss_on(part: str, index, grad: bool) -> torch.Tensor:
+        teacher = teachers[part]
+        ids = teacher.pieces[index].to(teacher.device)
         with torch.set_grad_enabled(grad), masked_experts(model, rows.kept):
             student = torch.func.functional_call(model, rows.substitutions(model), (),
                                                  {"input_ids": ids, "use_cache": False}, strict=False).logits
-        return _kl(student, teacher)
+        return _kl(student, teacher(index))
 
     def held_loss() -> float:
         with torch.no_grad():
-            return sum(loss_on(held[i : i + batch_size], False).item() * len(held[i : i + batch_size])
-                       for i in range(0, len(held), batch_size)) / len(held)
+            spans = [torch.arange(i, min(i + batch_size, len(held))) for i in range(0, len(held), batch_size)]
+            return sum(loss_on("held", span, False).item() * len(span) for span in spans) / len(held)
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -216,11 +261,12 @@ def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -
         while True:
             order = torch.randperm(len(train), generator=gen)
             for i in range(0, len(order), batch_size):
-                yield train[order[i : i + batch_size]]
+                yield order[i : i + batch_size]
 
     with _frozen(model):
-        return _optimise(rows, rows.optimiser(options["lr"]), batches(), lambda b: loss_on(b, True), held_loss,
-                         options, tqdm)
+        history = _optimise(rows, rows.optimiser(options["lr"]), batches(), lambda b: loss_on("train", b, True),
+                            held_loss, options, tqdm)
+    return {**history, "teacher_cached": teachers["train"].cached}
 
 
 def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options) -> dict:
