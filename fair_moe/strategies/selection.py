@@ -92,9 +92,9 @@ class Looks:
         """The window KLs [n] of an uncompensated plan on ``part`` (a look or a piece of one), computed once: the
         compensation decision judges the chosen plan without compensation on the looks selection already did."""
         key = (id(part), tuple(tuple(v) for _, v in sorted(kept.items())))
-        if key not in self._plain:
-            self._plain[key] = compute()
-        return self._plain[key]
+        if key not in self._plain:  # the part is kept with its value, so its id is not reused while the key is
+            self._plain[key] = (part, compute())
+        return self._plain[key][1]
 
     @classmethod
     def of(cls, model, scores: Scores, batch_size: int = 4) -> Looks:

@@ -423,3 +423,19 @@ def test_the_compensation_decision_reuses_the_chosen_plans_kl(model_and_scores, 
                if (c["allocation"], c["removal"]) == (chosen["allocation"], chosen["removal"]))
     if none["windows"] == row["windows"]:
         assert none["kl_mean"] == row["kl_mean"]
+
+
+def test_the_plain_kl_memo_never_answers_for_a_part_that_is_gone():
+    """Parts made and dropped in turn (screening's pieces, then a second look made later) must each get their own
+    KLs: the memo is keyed by the part's id, which Python gives to a new object once the old one is freed unless
+    the memo keeps the old one alive."""
+    from fair_moe.metrics import DenseReference
+    from fair_moe.strategies.selection import Looks
+
+    looks = Looks.__new__(Looks)
+    looks._plain = {}
+    kept = {0: [1, 2]}
+    for n in range(60):
+        part = DenseReference(None, torch.zeros(1, 3, dtype=torch.long), 4)
+        assert looks.plain_kl(part, kept, lambda n=n: torch.tensor([float(n)])).item() == n
+        del part
