@@ -7,7 +7,9 @@ checkpoint keeps the stock architecture and differs from the masked original onl
 (``--compensate-option objective=…``):
 
 - ``kl`` (default), end to end: KL(dense ‖ pruned) of the next-token distributions on calibration windows. The
-  teacher is the same weights without the mask, so no second copy of the model is held;
+  teacher is the same weights without the mask, so no second copy of the model is held, and its logits are made
+  once per training piece from the kept input of its output embedding (``TeacherLogits``), not by a forward per
+  step;
 - ``local``, one MoE layer at a time: ‖y_dense − y_pruned‖² of the layer's routed-experts output on its own
   inputs (captured once from the pruned model, at most ``max_tokens`` tokens per layer), so only one layer
   trains at a time and offloaded weights are brought in per layer.
