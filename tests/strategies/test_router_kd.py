@@ -197,3 +197,16 @@ def test_the_teacher_cache_leaves_the_learned_rows_as_they_were(demo_plan, monke
     for i, entry in cached.per_layer.items():
         torch.testing.assert_close(entry["weight"], forward.per_layer[i]["weight"], rtol=0, atol=1e-5)
     assert cached.fit["held_out_final"] == pytest.approx(forward.fit["held_out_final"], rel=1e-4)
+
+
+def test_the_fit_does_not_depend_on_the_batch_size(demo_plan):
+    """--batch-size is a memory knob: a step's pieces run that many at a time and their gradients add up, so the
+    learned rows are the same (up to summation order) whatever it is."""
+    model, plan, windows = demo_plan
+    options = {**KD.parse_options(()), "steps": 4, "eval_every": 2, "lr": 0.05, "pieces": 4}
+    whole = KD.fit(model, plan.kept, FitData(windows, batch_size=4, seed=0, options=options))
+    split = KD.fit(model, plan.kept, FitData(windows, batch_size=1, seed=0, options=options))
+    assert whole.fit["best_step"] == split.fit["best_step"] > 0
+    for i, entry in whole.per_layer.items():
+        torch.testing.assert_close(entry["weight"], split.per_layer[i]["weight"], rtol=0, atol=1e-5)
+    assert whole.fit["train_loss_last"] == pytest.approx(split.fit["train_loss_last"], rel=1e-5)

@@ -50,6 +50,7 @@ class RouterKD(Compensation):
         "held_out": (int, 8, "training pieces held out for early stopping"),
         "max_tokens": (int, 16384, "tokens per layer kept for the local objective"),
         "seq_len": (int, 256, "tokens per training window (calibration windows are cut into pieces this long)"),
+        "pieces": (int, 4, "training pieces per optimiser step for objective=kl (run --batch-size at a time)"),
     }
 
     def fit(self, model, kept, data):
@@ -259,15 +260,25 @@ def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -
 
     gen = torch.Generator().manual_seed(seed)
 
+    step = max(1, options["pieces"])
+
     def batches():
         while True:
             order = torch.randperm(len(train), generator=gen)
-            for i in range(0, len(order), batch_size):
-                yield order[i : i + batch_size]
+            for i in range(0, len(order), step):
+                yield order[i : i + step]
+
+    def backward_on(index) -> float:
+        """Gradients of the mean KL over the step's pieces, ``batch_size`` pieces per pass; returns the loss."""
+        total = 0.0
+        for chunk in index.split(batch_size):
+            loss = loss_on("train", chunk, True) * (len(chunk) / len(index))
+            loss.backward()
+            total += loss.item()
+        return total
 
     with _frozen(model):
-        history = _optimise(rows, rows.optimiser(options["lr"]), batches(), lambda b: loss_on("train", b, True),
-                            held_loss, options, tqdm)
+        history = _optimise(rows, rows.optimiser(options["lr"]), batches(), backward_on, held_loss, options, tqdm)
     return {**history, "teacher_cached": teachers["train"].cached}
 
 
@@ -293,14 +304,16 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
                     for i in range(0, len(order), size):
                         yield order[i : i + size]
 
-            def loss_on(batch, layer=layer, removed=removed, part=train_part):
-                return _layer_error(rows, layer, removed, part, batch)
+            def backward_on(batch, layer=layer, removed=removed, part=train_part) -> float:
+                loss = _layer_error(rows, layer, removed, part, batch)
+                loss.backward()
+                return loss.item()
 
             def held_loss(layer=layer, removed=removed, part=held_part):
                 with torch.no_grad():
                     return _layer_error(rows, layer, removed, part, torch.arange(len(part.x))).item()
 
-            history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches(), loss_on, held_loss,
+            history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches(), backward_on, held_loss,
                                 options, tqdm, f"router KD, layer {layer.index}")
             for key, value in history.items():
                 totals[key] = totals.get(key, 0) + value
@@ -375,17 +388,16 @@ def _capture(model, rows: RouterRows, windows, batch_size, max_tokens, seed) -> 
             for layer in rows.layers}
 
 
-def _optimise(rows: RouterRows, optimiser, batches, loss_on, held_loss, options, tqdm, desc="router KD") -> dict:
-    """Adam steps with held-out early stopping; the best rows are left in ``rows``. Returns the loss history."""
+def _optimise(rows: RouterRows, optimiser, batches, backward_on, held_loss, options, tqdm, desc="router KD") -> dict:
+    """Adam steps with held-out early stopping; the best rows are left in ``rows``. Returns the loss history.
+    ``backward_on(batch)`` leaves the batch's loss gradients in the rows and returns the loss."""
     initial = best = held_loss()
     best_rows, best_step, stale, step, train_loss = rows.snapshot(), 0, 0, 0, float("nan")
     bar = tqdm(range(options["steps"]), desc=desc, unit="step", leave=False, disable=not options["progress"])
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_on(next(batches))
-        loss.backward()
+        train_loss = backward_on(next(batches))  # the step's gradients are in the rows' .grad
         optimiser.step()
-        train_loss = loss.item()
         if (step + 1) % options["eval_every"] == 0 or step + 1 == options["steps"]:
             current = held_loss()
             bar.set_postfix(held_out=f"{current:.4g}")
