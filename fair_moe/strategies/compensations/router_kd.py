@@ -255,18 +255,10 @@ def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -
 
     def held_loss() -> float:
         with torch.no_grad():
-            spans = [torch.arange(i, min(i + batch_size, len(held))) for i in range(0, len(held), batch_size)]
+            spans = torch.arange(len(held)).split(batch_size)
             return sum(loss_on("held", span, False).item() * len(span) for span in spans) / len(held)
 
-    gen = torch.Generator().manual_seed(seed)
-
-    step = max(1, options["pieces"])
-
-    def batches():
-        while True:
-            order = torch.randperm(len(train), generator=gen)
-            for i in range(0, len(order), step):
-                yield order[i : i + step]
+    batches = _shuffled(len(train), max(1, options["pieces"]), torch.Generator().manual_seed(seed))
 
     def backward_on(index) -> float:
         """Gradients of the mean KL over the step's pieces, ``batch_size`` pieces per pass; returns the loss."""
@@ -278,7 +270,7 @@ def _train_kl(model, rows: RouterRows, train, held, batch_size, seed, options) -
         return total
 
     with _frozen(model):
-        history = _optimise(rows, rows.optimiser(options["lr"]), batches(), backward_on, held_loss, options, tqdm)
+        history = _optimise(rows, rows.optimiser(options["lr"]), batches, backward_on, held_loss, options, tqdm)
     return {**history, "teacher_cached": teachers["train"].cached}
 
 
@@ -294,15 +286,8 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
             train_part, held_part = captured_train[layer.index], captured_held[layer.index]
             removed = torch.ones(layer.num_experts, dtype=torch.bool)
             removed[rows.kept[layer.index]] = False
-            gen = torch.Generator().manual_seed(seed + layer.index)
             tokens = len(train_part.x)
-            step_tokens = max(256, min(2048, tokens))
-
-            def batches(tokens=tokens, gen=gen, size=step_tokens):
-                while True:
-                    order = torch.randperm(tokens, generator=gen)
-                    for i in range(0, len(order), size):
-                        yield order[i : i + size]
+            batches = _shuffled(tokens, max(256, min(2048, tokens)), torch.Generator().manual_seed(seed + layer.index))
 
             def backward_on(batch, layer=layer, removed=removed, part=train_part) -> float:
                 loss = _layer_error(rows, layer, removed, part, batch)
@@ -313,7 +298,7 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
                 with torch.no_grad():
                     return _layer_error(rows, layer, removed, part, torch.arange(len(part.x))).item()
 
-            history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches(), backward_on, held_loss,
+            history = _optimise(rows, rows.optimiser(options["lr"], [layer]), batches, backward_on, held_loss,
                                 options, tqdm, f"router KD, layer {layer.index}")
             for key, value in history.items():
                 totals[key] = totals.get(key, 0) + value
@@ -386,6 +371,12 @@ def _capture(model, rows: RouterRows, windows, batch_size, max_tokens, seed) -> 
     gen = torch.Generator().manual_seed(seed)
     return {layer.index: store[layer.index].finish(max_tokens, gen, next(layer.experts.parameters()).device)
             for layer in rows.layers}
+
+
+def _shuffled(count: int, size: int, gen):
+    """Endless index batches ``[≤ size]`` over ``range(count)``: each pass a new permutation drawn from ``gen``."""
+    while True:
+        yield from torch.randperm(count, generator=gen).split(size)
 
 
 def _optimise(rows: RouterRows, optimiser, batches, backward_on, held_loss, options, tqdm, desc="router KD") -> dict:
