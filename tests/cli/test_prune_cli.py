@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from fair_moe import prune, reference
 from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import SCORES_FILE, Scores
+from fair_moe.strategies import COMPENSATIONS
 from fair_moe.units.experts.routing import masked_experts
 from fair_moe.workflow import prune as workflow_prune
 
@@ -286,6 +287,7 @@ def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, 
                    "--scores", pruned_tod, "--quiet") == 0  # verified on write
     plan = PrunePlan.load(out)
     assert plan.compensation.kind == "router-kd" and plan.compensation.fit["max_steps"] == 2
+    assert plan.compensation.fit["options"] == {**COMPENSATIONS.get("router-kd").parse_options(()), "steps": 2, "eval_every": 1}
     assert (out / "fair_moe_compensation.safetensors").is_file()
     assert "router rows for the kept experts" in (out / "README.md").read_text()
     assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.5", "--allocation", "tod",

@@ -69,6 +69,7 @@ class RouterKD(Compensation):
         history = train_fn(model, rows, train, held, data.batch_size, data.seed, {**options,
                                                                                 "progress": data.progress})
         fit = {"objective": options["objective"], "lr": options["lr"], "max_steps": options["steps"],
+               "options": {name: options[name] for name in self.options},  # every option in force, defaults included
                "train_windows": len(train), "held_out_windows": len(held), **history}
         return CompensationRecord(self.name, rows.record(), fit)
 
