@@ -287,7 +287,8 @@ def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, 
                    "--scores", pruned_tod, "--quiet") == 0  # verified on write
     plan = PrunePlan.load(out)
     assert plan.compensation.kind == "router-kd" and plan.compensation.fit["max_steps"] == 2
-    assert plan.compensation.fit["options"] == {**COMPENSATIONS.get("router-kd").parse_options(()), "steps": 2, "eval_every": 1}
+    defaults = COMPENSATIONS.get("router-kd").parse_options(())
+    assert plan.compensation.fit["options"] == {**defaults, "steps": 2, "eval_every": 1}
     assert (out / "fair_moe_compensation.safetensors").is_file()
     assert "router rows for the kept experts" in (out / "README.md").read_text()
     assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.5", "--allocation", "tod",
