@@ -55,7 +55,7 @@ EXPERTS = UNIT_KINDS.get("experts")
 FIXTURES = {
     "demo": (ROOT / "fair_moe" / "data" / "demo_model", ROOT / "fair_moe" / "data"),
     **{name: (ROOT / "bench_out" / "fixtures" / name / "model", ROOT / "bench_out" / "fixtures" / name)
-       for name in ("olmoe", "mixtral", "deepseek", "qwen3")},
+       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6")},
 }
 ALLOCATIONS = ("uniform", "global", "tod")
 SIGNALS = ("reap", "frequency", "ean", "wasserstein")

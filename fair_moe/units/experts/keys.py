@@ -40,11 +40,11 @@ class ExpertKeyRewriter:
                  quantized: QuantFormat | None = None, config=None):
         self.plan = plan
         self.adapter = adapter
-        self.config = config
         # classes a router scores after the routed experts (kept after the kept experts)
         self.tail = adapter.structure(config).router_tail if config is not None else 0
         self.user_transform = transform
         self.quantized = quantized
+        self.classify = adapter.key_classifier(config, encoded_weight if quantized is not None else None)
         self.kept = {layer: sorted(ids) for layer, ids in plan.kept.items()}
         self.new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in self.kept.items()}
         self.routers_seen: dict[int, int] = defaultdict(int)
@@ -53,7 +53,7 @@ class ExpertKeyRewriter:
 
     def __call__(self, key: str, load: Callable[[], torch.Tensor]) -> tuple[str, torch.Tensor] | None:
         """(new key, tensor) or None to drop; ``load()`` reads the source tensor only when needed."""
-        ref = self.adapter.classify_key(key, self.config, encoded_weight if self.quantized is not None else None)
+        ref = self.classify(key)
         if ref is None or ref.layer not in self.kept:
             return key, load()
         layer = ref.layer
