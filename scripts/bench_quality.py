@@ -5,6 +5,7 @@ on several fixtures × two calibration regimes × five budgets.
     python scripts/train_demo_model.py --fixture mixtral
     python scripts/train_demo_model.py --fixture deepseek
     python scripts/train_demo_model.py --fixture qwen3
+    python scripts/train_demo_model.py --fixture qwen2moe6
     python scripts/bench_quality.py --out bench_out/battery                  # everything (hours on 2 cores)
     python scripts/bench_quality.py --fixtures demo --regimes sources --budgets 0.25,0.5 --out bench_out/dev
     python scripts/bench_quality.py --fixtures demo --only-default --out bench_out/dev_rule2   # the default only
@@ -65,7 +66,8 @@ BASELINE_ALLOCATIONS = ("uniform", "global")
 # of auto's rule answers. deepseek joined later that day: its loss at 0.5 (an undecided rival at 1.9 standard
 # errors) is what the second judging look answers. The qwen3 fixture (trained after that rule was fixed and run
 # once) and the olmoe fixture (never run before; trained after router KD's step was fixed at 4 pieces, run once)
-# only check the current rule.
+# only check the current rule, and so does qwen2moe6 (issue 10's new-user shape, trained and run once on 2026-11-30
+# after the last change of the rule and of router KD).
 DEVELOPMENT_CELLS = {(fixture, regime) for fixture in ("demo", "mixtral", "deepseek")
                      for regime in ("sources", "mixed")}
 
@@ -173,7 +175,7 @@ def summary(cells: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fixtures", default="demo,olmoe,mixtral,deepseek,qwen3")
+    p.add_argument("--fixtures", default="demo,olmoe,mixtral,deepseek,qwen3,qwen2moe6")
     p.add_argument("--regimes", default="sources,mixed")
     p.add_argument("--budgets", default="0.125,0.25,0.375,0.5,0.625")
     p.add_argument("--samples", type=int, default=128)

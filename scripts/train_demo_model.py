@@ -5,6 +5,7 @@
     python scripts/train_demo_model.py --fixture mixtral      # 8 experts, top-2, renormalised
     python scripts/train_demo_model.py --fixture deepseek     # sigmoid + selection bias, shared expert
     python scripts/train_demo_model.py --fixture qwen3        # 16 experts, top-2, renormalised, no shared expert
+    python scripts/train_demo_model.py --fixture qwen2moe6    # qwen2_moe, 6 layers, 30 experts top-4, shared expert
 
 Fixtures are the models the quality benchmark (scripts/bench_quality.py) runs on besides the demo; each
 takes its own train / calibration / held-out split of the corpus (``--corpus-seed``), so its held-out text
