@@ -7,9 +7,10 @@ distributions from the dense model's, on windows of the calibration files and of
         --calib-file bench_out/fixtures/qwen2moe6/calib/python.txt --samples 128 --seq-len 512 --budget 0.5 --out OUT
     python scripts/bench_judge_shift.py --fixture qwen2moe6 --scores OUT/fair_moe_scores.safetensors --budget 0.5
 
-For each domain and split: mean and median window KL (nats per token) of ``uniform + <signal>`` for each signal,
-and on how many windows the second signal's plan is lower than the first's. A plan the judge prefers on calibration
-windows but that loses on held-out windows of the same domain is a shift no judge of calibration text can see.
+For each domain and split: mean and median window KL (nats per token; the judge of ``--allocation auto``
+itself, ``DenseReference.window_kl``) of ``uniform + <signal>`` for each signal, and on how many windows the
+second signal's plan is lower than the first's. A plan the judge prefers on calibration windows but that loses on
+held-out windows of the same domain is a shift no judge of calibration text can see.
 """
 
 from __future__ import annotations
@@ -31,20 +32,13 @@ def spread_windows(ids: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
     return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in starts])
 
 
-@torch.no_grad()
-def window_kl(model, windows: torch.Tensor, kept: dict[int, list[int]]) -> torch.Tensor:
-    """KL(dense ‖ pruned) per window [n]: mean over positions of the next-token distributions' divergence."""
-    dense = torch.log_softmax(model(input_ids=windows).logits, -1)
-    with bq.reference(model, bq.EXPERTS, kept, None):
-        pruned = torch.log_softmax(model(input_ids=windows).logits, -1)
-    return (dense.exp() * (dense - pruned)).sum(-1).mean(-1)
-
-
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fair_moe.core.budget import Budget
     from fair_moe.core.scores import Scores
+    from fair_moe.metrics import DenseReference
+    from fair_moe.strategies.selection import window_kl
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixture", default="qwen2moe6", choices=sorted(bq.FIXTURES))
@@ -66,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for split in ("calib", "heldout"):
         for path in sorted((data_dir / split).glob("*.txt")):
-            windows = spread_windows(bq.token_stream(tokenizer, [path.read_text()]), args.windows, 512)
-            kl = {s: window_kl(model, windows, kept) for s, kept in plans.items()}
+            judge = DenseReference(model, spread_windows(bq.token_stream(tokenizer, [path.read_text()]), args.windows,
+                                                         512))
+            kl = {s: window_kl(judge, model, bq.EXPERTS, kept, None) for s, kept in plans.items()}
             a, b = kl[first], kl[second]
             print(f"| {split} | {path.stem} | {a.mean():.3f} / {a.median():.3f} | {b.mean():.3f} / {b.median():.3f} | "
-                  f"{int((b < a).sum())} of {len(windows)} |")
+                  f"{int((b < a).sum())} of {len(judge)} |")
 
 
 if __name__ == "__main__":

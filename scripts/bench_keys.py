@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def checkpoint_keys(config) -> list[str]:
-    """The per-expert checkpoint keys of ``config``'s model: module tensors mapped back to disk names."""
+    """Key names of ``config``'s checkpoint in the per-expert format ``save_pretrained`` writes for the common
+    ``model.layers.N.mlp`` layout: every MoE layer's expert projections and router, plus two other keys per layer."""
     from fair_moe.adapters import get_adapter
 
     adapter = get_adapter(config)
@@ -54,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     classify = adapter.key_classifier(config)
     bound = [classify(key) for key in keys]
     bound_s = time.perf_counter() - start
-    sample = keys[:: max(1, len(keys) // args.sample)][: args.sample]
+    sample = range(0, len(keys), max(1, len(keys) // args.sample))[: args.sample]
     start = time.perf_counter()
-    single = [adapter.classify_key(key, config) for key in sample]
+    single = [adapter.classify_key(keys[i], config) for i in sample]
     per_key = (time.perf_counter() - start) / len(sample)
-    assert single == [bound[keys.index(k)] for k in sample], "bound and per-key classification disagree"
+    assert single == [bound[i] for i in sample], "bound and per-key classification disagree"
     experts = sum(ref is not None and ref.expert is not None for ref in bound)
     print(f"{args.model_type}: {len(keys)} keys ({experts} per-expert); structure built once in {built:.1f} s")
     print(f"bound (key_classifier): {bound_s:.2f} s for all keys, {bound_s / len(keys) * 1e6:.0f} µs per key")
