@@ -82,6 +82,15 @@ def quiet_libraries(quiet: bool = True):
             enable_progress_bars()
 
 
+def set_threads(count: int) -> None:
+    """Let torch use ``count`` CPU threads for its intra-op parallel work (``--threads``)."""
+    if count < 1:
+        raise FairMoeError(f"--threads must be at least 1, got {count}")
+    import torch
+
+    torch.set_num_threads(count)
+
+
 def _rank_prefix() -> str:
     """``rank R of N: `` inside a torch.distributed launch, else nothing."""
     import os

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import HelpFormatter, quiet_libraries, run_command
+from fair_moe.cli.common import HelpFormatter, quiet_libraries, run_command, set_threads
 from fair_moe.core.budget import Budget
 from fair_moe.strategies import (
     ALLOCATIONS,
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate with per-layer recomputation: activation memory of one decoder layer")
     r.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repository's own Python code (auto_map) to run; off by default")
+    r.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads torch may use for its own parallel work (default: torch's choice, one per "
+                        "core); e.g. to leave cores free on a shared machine")
     r.add_argument("--ppl-file", type=Path, action="append", default=[],
                    help="text file(s) to report dense vs. pruned perplexity on")
 
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-NOT_IN_RECIPE = {"recipe", "list_models", "overwrite", "quiet", "dry_run", "push_to_hub", "private", "help"}
+NOT_IN_RECIPE = {"recipe", "list_models", "overwrite", "quiet", "threads", "dry_run", "push_to_hub", "private", "help"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         from fair_moe.workflow.prune import run_prune
         from fair_moe.workflow.report import Console
 
+        if args.threads is not None:
+            set_threads(args.threads)
         with quiet_libraries(args.quiet):
             run_prune(settings_from_args(args), Console(quiet=args.quiet))
 

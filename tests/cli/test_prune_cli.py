@@ -9,6 +9,7 @@ from conftest import tiny_qwen2_moe_config, write_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fair_moe import prune, reference
+from fair_moe.cli import prune as cli_prune
 from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import SCORES_FILE, Scores
 from fair_moe.strategies import COMPENSATIONS
@@ -486,3 +487,19 @@ def test_multimodal_checkpoint_keeps_its_other_towers(name, calib_files, tmp_pat
         expected = original(input_ids=ids).logits
     with torch.no_grad():
         assert (pruned(input_ids=ids).logits - expected).abs().max().item() < 1e-4
+
+
+def test_threads_sets_torchs_cpu_threads_and_stays_out_of_the_recipe(tiny_checkpoint, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "dry", "--budget", "0.25", "--dry-run",
+                       "--threads", "3") == 0
+        assert torch.get_num_threads() == 3 != before
+    finally:
+        torch.set_num_threads(before)
+    args = cli_prune.parse_args(["--model", str(tiny_checkpoint), "--budget", "0.25", "--threads", "1"])
+    assert "threads" not in cli_prune.recipe_of(args)
+    assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.25", "--dry-run",
+                   "--threads", "0") == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
