@@ -29,23 +29,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 
+from fair_moe.metrics import stream_nll  # noqa: E402
+
 SEQ_LEN = 512
 
 
 def window_nll(model, streams: dict[str, torch.Tensor]) -> torch.Tensor:
     """[n, 2]: summed next-token NLL and scored tokens of every non-overlapping ``SEQ_LEN`` window of every held-out
-    stream, in the order of ``bq.heldout_perplexity`` (whose total it reproduces)."""
-    rows = []
-    for ids in streams.values():
-        for start in range(0, max(1, len(ids) - 1), SEQ_LEN):
-            window = ids[start : start + SEQ_LEN][None]
-            if window.shape[1] < 2:
-                continue
-            with torch.no_grad():
-                logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none")
-            rows.append([nll.double().sum().item(), float(len(nll))])
-    return torch.tensor(rows, dtype=torch.float64)
+    stream (``stream_nll`` per window), in the order of ``bq.heldout_perplexity``, whose total it reproduces."""
+    with torch.no_grad():
+        return torch.tensor([stream_nll(model, ids[start : start + SEQ_LEN], SEQ_LEN, stride=SEQ_LEN)
+                             for ids in streams.values() for start in range(0, max(1, len(ids) - 1), SEQ_LEN)],
+                            dtype=torch.float64)
 
 
 def ppl(rows: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,12 +77,9 @@ def honest_ratio(default: torch.Tensor, baselines: dict[str, torch.Tensor], batt
 def run_cell(model, scores, streams, budget: float, draws: int, halves: int, seed: int) -> dict:
     """The cell's default and baselines, per window, and the numbers the module docstring names."""
     from fair_moe.core.budget import Budget
-    from fair_moe.strategies.selection import decide_compensation, reference, select_plan
+    from fair_moe.strategies.selection import reference
 
-    selection = select_plan(model, bq.EXPERTS, scores, Budget(budget), "auto", progress=False)
-    plan = decide_compensation(model, bq.EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
-    chosen = plan.settings["selected"]
-    method = f"{chosen['allocation']}+{chosen['removal']}" + (f"+{plan.compensation.kind}" if plan.compensation else "")
+    plan, method = bq.default_plan(model, scores, budget)
     with reference(model, bq.EXPERTS, plan.kept, plan.compensation):
         default = window_nll(model, streams)
     baselines = {}
@@ -108,11 +100,6 @@ def run_cell(model, scores, streams, budget: float, draws: int, halves: int, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fair_moe.calibration.text import sources_from_files, text_batches, token_stream
-    from fair_moe.workflow.scoring import score, selection_windows
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fixtures", default="demo,mixtral,deepseek,qwen3,olmoe,qwen2moe6")
     p.add_argument("--regimes", default="sources,mixed")
@@ -130,19 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(c["fixture"], c["regime"], c["budget"]) for c in cells}
     for fixture in args.fixtures.split(","):
-        model_dir, data_dir = bq.FIXTURES[fixture]
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        streams = {f.stem: token_stream(tokenizer, [f.read_text()])
-                   for f in sorted((data_dir / "heldout").glob("*.txt"))}
+        tokenizer, model, streams = bq.load_fixture(fixture)
         for regime in args.regimes.split(","):
             if (fixture, regime, args.budget) in done:
                 continue
-            files = sorted((data_dir / "calib").glob("*.txt")) if regime == "sources" else \
-                [bq.mixed_file(data_dir / "calib", args.out / f"{fixture}_mixed.txt", args.seed)]
-            data = text_batches(tokenizer, sources_from_files(files), args.samples, SEQ_LEN, 8, args.seed,
-                                selection_windows(args.samples), selection_windows(args.samples))
-            scores = score(model, bq.EXPERTS, data, args.seed, progress=False)
+            scores = bq.regime_scores(model, tokenizer, fixture, regime, args.out, args.samples, SEQ_LEN, args.seed)
             cell = {"fixture": fixture, "regime": regime, "budget": args.budget,
                     **run_cell(model, scores, streams, args.budget, args.draws, args.halves, args.seed)}
             cells.append(cell)

@@ -94,17 +94,47 @@ def evaluate(model, plan, streams) -> float:
         return heldout_perplexity(model, streams)
 
 
+def default_plan(model, scores, budget: float):
+    """The default command's plan and compensation at one budget, and its name (allocation+signal[+compensation])."""
+    selection = select_plan(model, EXPERTS, scores, Budget(budget), "auto", progress=False)
+    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
+    chosen = plan.settings["selected"]
+    return plan, (f"{chosen['allocation']}+{chosen['removal']}"
+                  + (f"+{plan.compensation.kind}" if plan.compensation else ""))
+
+
 def run_default(model, scores, streams, budget: float) -> dict:
     """The default command's plan and compensation at one budget, and its held-out perplexity."""
-    target = Budget(budget)
     start = time.perf_counter()
-    selection = select_plan(model, EXPERTS, scores, target, "auto", progress=False)
-    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
-    result = {"default_seconds": time.perf_counter() - start, "default": evaluate(model, plan, streams)}
-    chosen = plan.settings["selected"]
-    result["default_method"] = (f"{chosen['allocation']}+{chosen['removal']}"
-                                + (f"+{plan.compensation.kind}" if plan.compensation else ""))
-    return result
+    plan, method = default_plan(model, scores, budget)
+    return {"default_seconds": time.perf_counter() - start, "default": evaluate(model, plan, streams),
+            "default_method": method}
+
+
+def load_fixture(fixture: str):
+    """The fixture's tokenizer, its model (float32, eval) and its held-out token streams {domain: ids [n]}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, data_dir = FIXTURES[fixture]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    streams = {f.stem: token_stream(tokenizer, [f.read_text()]) for f in sorted((data_dir / "heldout").glob("*.txt"))}
+    return tokenizer, model, streams
+
+
+def regime_scores(model, tokenizer, fixture: str, regime: str, out: Path, samples: int, seq_len: int, seed: int):
+    """The fixture's scores under one calibration regime: ``sources`` (one file per domain) or ``mixed`` (every
+    document in one shuffled file, written to ``out``), ``samples`` windows of ``seq_len`` tokens and the judging
+    windows auto needs."""
+    from fair_moe.calibration.text import text_batches
+    from fair_moe.workflow.scoring import selection_windows
+
+    calib = FIXTURES[fixture][1] / "calib"
+    files = sorted(calib.glob("*.txt")) if regime == "sources" else \
+        [mixed_file(calib, out / f"{fixture}_mixed.txt", seed)]
+    data = text_batches(tokenizer, sources_from_files(files), samples, seq_len, 8, seed,
+                        selection_windows(samples), selection_windows(samples))
+    return score(model, EXPERTS, data, seed, progress=False)
 
 
 def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, only_default: bool = False) -> dict:
@@ -201,31 +231,18 @@ def main(argv: list[str] | None = None) -> int:
                 cell.update({k: update[k] for k in ("default", "default_method", "default_seconds")})
         return write_summary([c for c in cells if "best_baseline" in c], args.out)
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "cells.jsonl"
     done = {(c["fixture"], c["regime"], c["budget"]) for c in map(json.loads, log.read_text().splitlines())} \
         if log.is_file() else set()
     for fixture in args.fixtures.split(","):
-        model_dir, data_dir = FIXTURES[fixture]
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        streams = {f.stem: token_stream(tokenizer, [f.read_text()])
-                   for f in sorted((data_dir / "heldout").glob("*.txt"))}
+        tokenizer, model, streams = load_fixture(fixture)
         dense = heldout_perplexity(model, streams)
         for regime in args.regimes.split(","):
             budgets = [float(b) for b in args.budgets.split(",") if (fixture, regime, float(b)) not in done]
             if not budgets:
                 continue
-            files = sorted((data_dir / "calib").glob("*.txt")) if regime == "sources" else \
-                [mixed_file(data_dir / "calib", args.out / f"{fixture}_mixed.txt", args.seed)]
-            from fair_moe.calibration.text import text_batches
-            from fair_moe.workflow.scoring import selection_windows
-
-            data = text_batches(tokenizer, sources_from_files(files), args.samples, args.seq_len, 8, args.seed,
-                                selection_windows(args.samples), selection_windows(args.samples))
-            scores = score(model, EXPERTS, data, args.seed, progress=False)
+            scores = regime_scores(model, tokenizer, fixture, regime, args.out, args.samples, args.seq_len, args.seed)
             for budget in budgets:
                 start = time.perf_counter()
                 cell = {"fixture": fixture, "regime": regime, "budget": budget,
