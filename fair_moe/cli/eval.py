@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import HelpFormatter, run_command
+from fair_moe.cli.common import HelpFormatter, run_command, set_threads
 from fair_moe.workflow.evaluate import DEFAULT_CACHE
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None,
                    help="always evaluate the base model again")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice lm-eval makes")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads torch may use for its own parallel work (default: torch's choice, one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--output-json", type=Path, required=True,
                    help="results; recovery table in .md and lm-eval's own results in .lm_eval.*.json beside it")
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         from fair_moe.workflow.evaluate import EvalSettings, run_eval
 
-        run_eval(EvalSettings(**vars(args)))
+        settings = vars(args)
+        threads = settings.pop("threads")  # a machine setting, not one of the evaluation's
+        if threads is not None:
+            set_threads(threads)
+        run_eval(EvalSettings(**settings))
 
     return run_command(run)

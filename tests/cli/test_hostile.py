@@ -708,3 +708,21 @@ def test_failed_push_leaves_the_folder_as_it_was(token, fail_at, expect, pruned,
     assert_clean(before)
     if fail_at == "upload_folder":  # the card did carry the results while uploading, and was put back after
         assert "| recovery/average | 0.9700 |" in api.card_at_upload
+
+
+def test_eval_threads_sets_torchs_cpu_threads_and_refuses_zero(model_copy, tmp_path, capsys):
+    """--threads N reaches torch before the evaluation runs; 0 is one error line and nothing is written."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        status, stderr = run_main(eval_cli.main, ["--model", model_copy, "--ppl-file", HELDOUT, "--ppl-seq-len", "128",
+                                                  "--threads", "3", "--output-json", tmp_path / "r.json"], capsys)
+        assert status == 0, stderr
+        assert torch.get_num_threads() == 3 != before
+    finally:
+        torch.set_num_threads(before)
+    status, stderr = run_main(eval_cli.main, ["--model", model_copy, "--ppl-file", HELDOUT, "--threads", "0",
+                                              "--output-json", tmp_path / "refused" / "r.json"], capsys)
+    one_error_line(stderr, "--threads must be at least 1, got 0")
+    assert status == 2 and not (tmp_path / "refused").exists()
