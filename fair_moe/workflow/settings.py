@@ -89,8 +89,9 @@ class MethodSettings:
         removal = REMOVAL_SIGNALS.get(self.removal_for(unit))
         if not removal.available(unit.measures):
             offered = REMOVAL_SIGNALS.names(lambda s: s.available(unit.measures))
-            raise FairMoeError(f"--removal {removal.name} is not available for --units {unit.name} ({unit.noun} have "
-                               f"no {', '.join(removal.requires)}): use one of {', '.join(offered)}")
+            raise FairMoeError(f"--removal {removal.name} is not available for --units {unit.name} (it needs "
+                               f"{removal.needs()}, which the calibration of {unit.noun} does not give): use one of "
+                               f"{', '.join(offered)}")
         if self.layout not in LAYOUTS:
             raise FairMoeError(f"--layout {self.layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
         allocation = self.allocation_for(unit)

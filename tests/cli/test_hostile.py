@@ -427,6 +427,8 @@ CASES: dict[str, Case] = {
         ("--compensate-option 'stepz=2'", "router-kd")),
     "reap removal of neurons": Case(lambda w: w.argv("--removal", "reap", "--units", "neurons"),
                                     ("--removal reap is not available for --units neurons",)),
+    "consensus removal of neurons": Case(lambda w: w.argv("--removal", "consensus", "--units", "neurons"),
+                                         ("--removal consensus is not available", "at least 2 of the signals")),
     # disk faults (simulated)
     "no free space": Case(_no_free_space, ("--out", "MiB free", "choose another --out")),
     "ENOSPC writing weights": Case(_save_fails("fair_moe.checkpoint.stream.save_file", errno.ENOSPC),

@@ -16,7 +16,8 @@ def _choices(flag: str) -> list[str]:
 
 def test_cli_choices_are_the_registries():
     assert _choices("--allocation") == [AUTO, *ALLOCATIONS.names()] == [AUTO, "tod", "uniform", "global"]
-    assert _choices("--removal") == REMOVAL_SIGNALS.names() == ["reap", "frequency", "ean", "wasserstein", "random"]
+    assert _choices("--removal") == REMOVAL_SIGNALS.names() == ["reap", "frequency", "ean", "wasserstein", "consensus",
+                                                                  "random"]
     assert _choices("--compensate") == [AUTO, *COMPENSATIONS.names()]
     assert _choices("--protection") == PROTECTION_SIGNALS.names() == ["taylor"]
     assert _choices("--units") == UNIT_KINDS.names() == ["experts", "neurons", "heads"]

@@ -14,7 +14,7 @@ from fair_moe.strategies.signals.base import (
     compute_signals,
 )
 
-for _module in ("reap", "frequency", "ean", "wasserstein", "random", "taylor"):
+for _module in ("reap", "frequency", "ean", "wasserstein", "consensus", "random", "taylor"):
     import_module(f"{__name__}.{_module}")
 
 __all__ = ["PROTECTION_SIGNALS", "REMOVAL_SIGNALS", "ProtectionSignal", "RemovalSignal", "compute_signals"]

@@ -33,9 +33,18 @@ class RemovalSignal:
     def computable(self, stats: SignalStatistics) -> bool:
         return all(stats.has(field) for field in self.requires)
 
+    def needs(self) -> str:
+        """What the calibration must measure for this signal, in words (for errors)."""
+        return ", ".join(self.requires)
+
     def compute(self, stats: SignalStatistics) -> Tensor:
         """U [L, n], float64."""
         raise NotImplementedError
+
+    def compute_given(self, stats: SignalStatistics, computed: dict[str, Tensor]) -> Tensor:
+        """U [L, n] when the signals registered before this one are already ``computed`` ({name: U [L, n]}): a
+        signal built from others reads them there instead of computing them again."""
+        return self.compute(stats)
 
 
 class ProtectionSignal:
@@ -55,5 +64,8 @@ PROTECTION_SIGNALS: Registry[ProtectionSignal] = Registry("protection signal", "
 
 def compute_signals(stats: SignalStatistics) -> tuple[dict[str, Tensor], Tensor]:
     """Every removal signal the statistics allow, {name: U [L, n]}, and the Taylor protection R [L, n]."""
-    removal = {signal.name: signal.compute(stats) for signal in REMOVAL_SIGNALS if signal.computable(stats)}
+    removal: dict[str, Tensor] = {}
+    for signal in REMOVAL_SIGNALS:
+        if signal.computable(stats):
+            removal[signal.name] = signal.compute_given(stats, removal)
     return removal, PROTECTION_SIGNALS.get("taylor").compute(stats)
