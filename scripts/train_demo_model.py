@@ -53,6 +53,8 @@ FIXTURES = {  # name → arguments; outputs go to bench_out/fixtures/<name>/
     # the shape of the model issue 10's new user tried: 6 layers, 30 experts top-4, shared expert; trained after the
     # rule's last change, run once as a check
     "qwen2moe6": {"arch": "qwen2_moe", "steps": 600, "corpus_seed": 4, "layers": 6, "experts": 30},
+    # 16 experts, 5 layers, no shared expert: trained after the last change to the default, run once as a check
+    "olmoe16": {"arch": "olmoe", "steps": 600, "corpus_seed": 5, "layers": 5, "experts": 16},
 }
 
 
