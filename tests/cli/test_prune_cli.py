@@ -287,7 +287,7 @@ def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, 
                    "--compensate", "router-kd", "--compensate-option", "steps=2", "--compensate-option", "eval_every=1",
                    "--scores", pruned_tod, "--quiet") == 0  # verified on write
     plan = PrunePlan.load(out)
-    assert plan.compensation.kind == "router-kd" and plan.compensation.fit["max_steps"] == 2
+    assert plan.compensation.kind == "router-kd" and plan.compensation.fit["options"]["steps"] == 2
     defaults = COMPENSATIONS.get("router-kd").parse_options(())
     assert plan.compensation.fit["options"] == {**defaults, "steps": 2, "eval_every": 1}
     assert (out / "fair_moe_compensation.safetensors").is_file()

@@ -124,7 +124,7 @@ def test_training_lowers_the_held_out_loss_and_repeats_with_the_seed(demo_plan, 
     for i, entry in first.per_layer.items():
         torch.testing.assert_close(entry["weight"], second.per_layer[i]["weight"], rtol=0, atol=1e-6)
     assert first.fit["held_out_final"] < first.fit["held_out_initial"]
-    assert first.fit["objective"] == objective and first.fit["best_step"] > 0
+    assert first.fit["options"]["objective"] == objective and first.fit["best_step"] > 0
     assert first.fit["options"] == {**KD.parse_options(()), "objective": objective, "steps": 6, "eval_every": 2,
                                     "lr": 0.05}  # the plan names every option the fit ran with
     assert set(first.per_layer) == {0, 1, 2, 3}

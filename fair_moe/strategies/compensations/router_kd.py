@@ -68,8 +68,7 @@ class RouterKD(Compensation):
         train_fn = _train_kl if options["objective"] == "kl" else _train_local
         history = train_fn(model, rows, train, held, data.batch_size, data.seed, {**options,
                                                                                 "progress": data.progress})
-        fit = {"objective": options["objective"], "lr": options["lr"], "max_steps": options["steps"],
-               "options": {name: options[name] for name in self.options},  # every option in force, defaults included
+        fit = {"options": {name: options[name] for name in self.options},  # every option in force, defaults included
                "train_windows": len(train), "held_out_windows": len(held), **history}
         return CompensationRecord(self.name, rows.record(), fit)
 
@@ -106,7 +105,8 @@ class RouterKD(Compensation):
 
     def summary(self, record):
         fit = record.fit
-        return (f"router KD ({fit.get('objective')}): {fit.get('steps')} steps, held-out loss "
+        objective = fit.get("options", fit).get("objective")  # plans before 2026-12 kept it at the top level
+        return (f"router KD ({objective}): {fit.get('steps')} steps, held-out loss "
                 f"{fit.get('held_out_initial', float('nan')):.4g} → {fit.get('held_out_final', float('nan')):.4g}; "
                 f"router rows of layers {', '.join(str(k) for k in sorted(record.per_layer))} trained")
 
