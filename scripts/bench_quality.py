@@ -212,7 +212,7 @@ def summary(cells: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fixtures", default="demo,olmoe,mixtral,deepseek,qwen3,qwen2moe6")
+    p.add_argument("--fixtures", default="demo,olmoe,mixtral,deepseek,qwen3,qwen2moe6,olmoe16")
     p.add_argument("--regimes", default="sources,mixed")
     p.add_argument("--budgets", default="0.125,0.25,0.375,0.5,0.625")
     p.add_argument("--samples", type=int, default=128)
