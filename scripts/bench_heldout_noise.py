@@ -84,7 +84,7 @@ def run_cell(model, scores, streams, budget: float, draws: int, halves: int, see
         default = window_nll(model, streams)
     baselines = {}
     for allocation in bq.BASELINE_ALLOCATIONS:
-        for signal in bq.SIGNALS:
+        for signal in bq.BASELINE_SIGNALS:
             if signal in scores.removal:
                 kept = bq.make_plan(scores, Budget(budget), allocation, signal).kept
                 with reference(model, bq.EXPERTS, kept, None):
@@ -101,7 +101,7 @@ def run_cell(model, scores, streams, budget: float, draws: int, halves: int, see
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fixtures", default="demo,mixtral,deepseek,qwen3,olmoe,qwen2moe6")
+    p.add_argument("--fixtures", default="demo,mixtral,deepseek,qwen3,olmoe,qwen2moe6,olmoe16")
     p.add_argument("--regimes", default="sources,mixed")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--samples", type=int, default=128)

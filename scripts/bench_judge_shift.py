@@ -33,8 +33,6 @@ def spread_windows(ids: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fair_moe.core.budget import Budget
     from fair_moe.core.scores import Scores
     from fair_moe.metrics import DenseReference
@@ -49,9 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir, data_dir = bq.FIXTURES[args.fixture]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer, model, _ = bq.load_fixture(args.fixture)
+    data_dir = bq.FIXTURES[args.fixture][1]
     scores = Scores.load(args.scores)
     first, second = args.signals.split(",")
     plans = {s: bq.make_plan(scores, Budget(args.budget), "uniform", s).kept for s in (first, second)}
