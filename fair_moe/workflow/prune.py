@@ -227,6 +227,11 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
             plan.settings = {**plan.settings, "source_quantization": quantized.describe(),
                              "written": "in the source's quantized format" if keep_format
                              else f"dequantised to {str(save_dtype).removeprefix('torch.')}"}
+    from fair_moe.strategies import COMPENSATIONS
+
+    for plan in plans:  # the plan records what the checkpoint will hold: router rows rounded to its dtype
+        if plan.compensation is not None:
+            plan.compensation = COMPENSATIONS.get(plan.compensation.kind).as_written(plan.compensation, save_dtype)
     options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream and not output.dequantize,
                            verify=output.verify, placement=placement or None, progress=runtime.progress,
                            trust_remote_code=runtime.trust_remote_code, card=facts,

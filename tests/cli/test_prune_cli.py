@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_qwen2_moe_config, write_checkpoint
+from conftest import build_model, tiny_qwen2_moe_config, train_tiny_tokenizer, write_checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fair_moe import prune, reference
@@ -295,6 +295,29 @@ def test_router_kd_from_the_command_line(tiny_checkpoint, pruned_tod, tmp_path, 
     assert run_cli("--model", tiny_checkpoint, "--out", tmp_path / "bad", "--budget", "0.5", "--allocation", "tod",
                    "--compensate", "router-kd", "--compensate-option", "stepz=2", "--scores", pruned_tod) == 2
     assert "stepz=2" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_router_kd_rows_are_recorded_as_a_half_precision_checkpoint_holds_them(calib_files, tmp_path):
+    """A float16 source computed in float32: the plan records the learned router rows rounded to float16, the
+    rows the checkpoint holds, so plan, reference and checkpoint agree exactly (with float32 rows in the plan a
+    rounded row moved a near-tie top-k choice of a real run, and its verification failed)."""
+    from safetensors.torch import load_file
+
+    source = tmp_path / "half"
+    config, tokenizer = tiny_qwen2_moe_config(), train_tiny_tokenizer()
+    config.vocab_size = len(tokenizer)
+    build_model(config).half().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "kd"
+    calib = [x for f in calib_files for x in ("--calib-file", f)]
+    assert run_cli("--model", source, "--out", out, "--budget", "0.5", "--allocation", "uniform", "--removal", "ean",
+                   "--compensate", "router-kd", "--compensate-option", "steps=2", *calib, *FAST) == 0
+    plan, written = PrunePlan.load(out), load_file(out / "model.safetensors")
+    assert set(plan.compensation.per_layer) == {0, 1, 2}
+    for layer, entry in plan.compensation.per_layer.items():
+        router = written[f"model.layers.{layer}.mlp.gate.weight"]
+        assert router.dtype == torch.float16 and entry["kept"] == sorted(entry["kept"])
+        assert torch.equal(entry["weight"].float(), router.float())
 
 
 def test_a_budget_on_a_half_rounds_up(tiny_checkpoint, pruned_tod, tmp_path):

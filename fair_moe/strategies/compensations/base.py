@@ -79,6 +79,13 @@ class Compensation:
         the masking, so that hooks on a router run before the mask recomputes its routing)."""
         return contextlib.nullcontext()
 
+    def as_written(self, record: CompensationRecord, dtype) -> CompensationRecord:
+        """The record as a checkpoint whose weights are stored in ``dtype`` holds it. A compensation that writes
+        its values verbatim (router rows) rounds them to ``dtype`` here, so that the plan, the reference the
+        checkpoint is verified against and the checkpoint agree exactly: an unrounded router row can move a
+        near-tie top-k choice, which no output tolerance absorbs. Unchanged by default."""
+        return record
+
     def fold(self, model: nn.Module, record: CompensationRecord) -> None:
         """Apply the compensation to the loaded (unsliced) model's weights, in place."""
 

@@ -77,6 +77,12 @@ class RouterKD(Compensation):
         with _substituted(model, record):
             yield
 
+    def as_written(self, record, dtype):
+        """The learned rows rounded to ``dtype`` (the checkpoint's), kept in their own dtype."""
+        per_layer = {layer: {name: value if name == "kept" else value.to(dtype).to(value.dtype)
+                             for name, value in entry.items()} for layer, entry in record.per_layer.items()}
+        return CompensationRecord(record.kind, per_layer, record.fit)
+
     def fold(self, model, record):
         with torch.no_grad():
             for tensor, ids, value in _targets(model, record):
