@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_moe.cli.common import HelpFormatter, run_command, set_threads
+from fair_moe.cli.common import HelpFormatter, quiet_libraries, run_command, set_threads
 from fair_moe.workflow.evaluate import DEFAULT_CACHE
 
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = settings.pop("threads")  # a machine setting, not one of the evaluation's
         if threads is not None:
             set_threads(threads)
-        run_eval(EvalSettings(**settings))
+        with quiet_libraries(args.quiet):  # transformers' loading bars too, as for fair-moe-prune
+            run_eval(EvalSettings(**settings))
 
     return run_command(run)

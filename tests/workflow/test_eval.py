@@ -65,6 +65,15 @@ def test_eval_with_base_writes_metrics_and_recovery(pruned_demo, tmp_path):
     assert second["base_from_cache"] is True and second["base_metrics"] == result["base_metrics"]
 
 
+def test_quiet_leaves_the_results_and_no_progress_bars(pruned_demo, tmp_path, capfd):
+    rc = eval_main(["--model", str(pruned_demo), "--ppl-file", str(BUNDLED_HELDOUT_DIR / "docs.txt"),
+                    "--ppl-seq-len", "256", "--output-json", str(tmp_path / "r.json"), "--trust-remote-code",
+                    "--no-cache", "--quiet"])
+    out, err = capfd.readouterr()
+    assert rc == 0 and "perplexity/docs:" in out
+    assert "Loading weights" not in err and "it/s" not in err  # transformers' loading bar, any tqdm bar
+
+
 def test_an_uneven_checkpoint_needs_the_trust_flag(pruned_demo, tmp_path, capsys):
     config = json.loads((pruned_demo / "config.json").read_text())
     if not config.get("auto_map"):
