@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fair_moe.strategies import selection as _selection
 from fair_moe.units import UNIT_KINDS
 from fair_moe.workflow.scoring import score
 from fair_moe.workflow.settings import CalibrationSettings
-from fair_moe.workflow.writing import write_config
+from fair_moe.workflow.writing import compensation_as_written, write_config
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def save_pruned(model, folder: Path, processor=None, plan: PrunePlan | None = No
     unit = UNIT_KINDS.get(plan.unit if plan else "experts")
     Path(folder).mkdir(parents=True, exist_ok=True)
     unit.save(model, Path(folder), processor, dtype)
-    if plan is not None:
-        plan.save(Path(folder))
+    if plan is not None:  # recording the compensation as written: router rows rounded to the weights' dtype
+        written = compensation_as_written(plan, dtype or next(model.parameters()).dtype)
+        dataclasses.replace(plan, compensation=written).save(Path(folder))
 
 
 def stream_pruned(model, plan: PrunePlan, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30,

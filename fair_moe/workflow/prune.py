@@ -33,7 +33,7 @@ from fair_moe.units import UnitKind
 from fair_moe.workflow.report import Console
 from fair_moe.workflow.scoring import calibration_data, check_scores_fit, score, text_sources
 from fair_moe.workflow.settings import PruneSettings
-from fair_moe.workflow.writing import WriteOptions, streams, write_checkpoint
+from fair_moe.workflow.writing import WriteOptions, compensation_as_written, streams, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,8 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
             plan.settings = {**plan.settings, "source_quantization": quantized.describe(),
                              "written": "in the source's quantized format" if keep_format
                              else f"dequantised to {str(save_dtype).removeprefix('torch.')}"}
-    from fair_moe.strategies import COMPENSATIONS
-
     for plan in plans:  # the plan records what the checkpoint will hold: router rows rounded to its dtype
-        if plan.compensation is not None:
-            plan.compensation = COMPENSATIONS.get(plan.compensation.kind).as_written(plan.compensation, save_dtype)
+        plan.compensation = compensation_as_written(plan, save_dtype)
     options = WriteOptions(save_dtype=save_dtype, source=source, stream=output.stream and not output.dequantize,
                            verify=output.verify, placement=placement or None, progress=runtime.progress,
                            trust_remote_code=runtime.trust_remote_code, card=facts,

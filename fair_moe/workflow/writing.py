@@ -71,6 +71,15 @@ def write_config(folder: Path, unit: UnitKind, model, plan: PrunePlan, source: P
         write_patched_config(source, folder, changes, drop)
 
 
+def compensation_as_written(plan: PrunePlan, dtype):
+    """``plan``'s compensation record as a checkpoint whose weights are stored in ``dtype`` holds it (values the
+    compensation writes verbatim, router rows, rounded to ``dtype``: ``Compensation.as_written``); None when the
+    plan has none. The plan saved beside a checkpoint records this, so that it equals what was written."""
+    if plan.compensation is None:
+        return None
+    return COMPENSATIONS.get(plan.compensation.kind).as_written(plan.compensation, dtype)
+
+
 def write_checkpoint(folder: Path, unit: UnitKind, model, processor, plan: PrunePlan, scores: Scores,
                      data: CalibrationBatches | None, options: WriteOptions, phase=None) -> None:
     """Write the whole output folder (weights, config, plan, scores, card, plot) into ``folder`` and verify it.

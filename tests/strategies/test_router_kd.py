@@ -147,6 +147,24 @@ def test_learned_rows_are_saved_beside_the_plan(tmp_path):
         PrunePlan.load(tmp_path)
 
 
+def test_save_pruned_in_half_precision_records_the_rows_it_wrote(tmp_path):
+    """save_pruned(dtype=float16) stores rounded router rows; the plan beside them records those, not the float32
+    rows of the fit (the caller's plan is left as it was)."""
+    from safetensors.torch import load_file
+
+    model = build_model(family_configs()["qwen2_moe"], seed=5)
+    plan = _uniform_plan(model)
+    plan.compensation = _fit(model, plan, **QUICK)
+    rows = {i: entry["weight"].clone() for i, entry in plan.compensation.per_layer.items()}
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan, dtype=torch.float16)
+    written, saved = load_file(tmp_path / "model.safetensors"), PrunePlan.load(tmp_path).compensation
+    for i, entry in saved.per_layer.items():
+        router = written[f"model.layers.{i}.mlp.gate.weight"]
+        assert router.dtype == torch.float16 and torch.equal(entry["weight"], router.float())
+        assert torch.equal(plan.compensation.per_layer[i]["weight"], rows[i])
+        assert not torch.equal(rows[i], router.float())  # the fit's rows were not float16 values to begin with
+
+
 def test_unknown_option_is_refused():
     from fair_moe.core.errors import FairMoeError
 
