@@ -166,8 +166,8 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, onl
     kd_plan = make_plan(scores, target, "uniform", "ean")
     kd_plan.compensation = COMPENSATIONS.get("router-kd").fit(model, kd_plan.kept, FitData(fit_ids))
     result["uniform+ean+router-kd"] = evaluate(model, kd_plan, streams)
-    baselines = {k: v for k, v in result.items() if isinstance(v, float) and k.count("+") == 1
-                 and tuple(k.split("+")) in {(a, s) for a in BASELINE_ALLOCATIONS for s in BASELINE_SIGNALS}}
+    baselines = {name: result[name] for name in (f"{a}+{s}" for a in BASELINE_ALLOCATIONS for s in BASELINE_SIGNALS)
+                 if name in result}
     fixed = {k: v for k, v in result.items() if isinstance(v, float) and k.split("+")[0] in ALLOCATIONS}
     result["best_baseline_method"] = min(baselines, key=baselines.get)
     result["best_baseline"] = baselines[result["best_baseline_method"]]
