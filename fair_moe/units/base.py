@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fair_moe.calibration import CalibrationBatches
+    from fair_moe.checkpoint.verify import ByParts
     from fair_moe.core.budget import UnitLayout
     from fair_moe.core.plan import PrunePlan
     from fair_moe.core.statistics import SignalStatistics
@@ -90,6 +92,18 @@ class UnitKind(ABC):
         return out.logits.float().cpu()
 
     forward_kwargs: dict = {}
+
+    def routing_trace(self, model: nn.Module, inputs: dict, kept: dict[int, list[int]],
+                      reference: Callable[[], contextlib.AbstractContextManager]) -> Any | None:
+        """For kinds whose units are chosen per token: the reference's forward on ``inputs`` (``reference()``
+        enters it) with what ``by_parts`` needs; its ``logits`` are the reference outputs. None by default: the
+        written checkpoint is compared on outputs alone."""
+        return None
+
+    def by_parts(self, reloaded: nn.Module, inputs: dict, plan: PrunePlan, trace: Any) -> ByParts:
+        """The reloaded checkpoint checked in parts that ties of its routing cannot fail (kinds with a
+        ``routing_trace``)."""
+        raise NotImplementedError(f"{self.name} checkpoints are compared on outputs alone")
 
     def verify_saved(self, folder: Path, plan: PrunePlan, config) -> None:  # noqa: B027 - optional check
         """Checks of the written files beyond the reload (key counts); none by default."""

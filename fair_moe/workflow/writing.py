@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fair_moe.calibration import CalibrationBatches
-from fair_moe.checkpoint.verify import compare_outputs
+from fair_moe.checkpoint.verify import compare_by_parts, compare_outputs
+from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import SCORES_FILE, Scores
 from fair_moe.strategies import COMPENSATIONS
@@ -104,8 +105,17 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if options.verify:  # on the original weights, before an in-memory write folds and slices them
         probe = unit.probe(model, data)
-        with torch.no_grad(), reference(model, unit, plan.kept, plan.compensation):
-            options.expected = (probe, unit.outputs(model, probe))
+
+        def masked():
+            return reference(model, unit, plan.kept, plan.compensation)
+
+        with torch.no_grad():
+            trace = unit.routing_trace(model, probe, plan.kept, masked)
+            if trace is None:
+                with masked():
+                    options.expected = (probe, unit.outputs(model, probe), None)
+            else:
+                options.expected = (probe, trace.logits, trace)
     compute_dtype = next(model.parameters()).dtype
     compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
     source = options.source
@@ -143,16 +153,22 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
 
 
 def _verify(folder, unit, model, plan, options) -> None:
-    """Reload the written checkpoint and compare its outputs on the probe with the reference's."""
+    """Reload the written checkpoint and compare its outputs on the probe with the reference's; in half precision a
+    mismatch is checked again by parts (``compare_by_parts``), which ties of the routing cannot fail."""
     import torch
 
-    probe, expected = options.expected
+    probe, expected, trace = options.expected
     compute_dtype = next(model.parameters()).dtype
     reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code,
                       options.quantized)
     exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
-    compare_outputs(unit.outputs(reloaded, probe), expected, exact, unit.exact_tolerance,
-                    "the masked original" + (" with its compensation" if plan.compensation else ""))
+    what = "the masked original" + (" with its compensation" if plan.compensation else "")
+    try:
+        compare_outputs(unit.outputs(reloaded, probe), expected, exact, unit.exact_tolerance, what)
+    except FairMoeError as error:
+        if exact or trace is None:
+            raise
+        compare_by_parts(unit.by_parts(reloaded, probe, plan, trace), expected, what, error)
 
 
 def reload(folder: Path, unit: UnitKind, plan: PrunePlan, dtype, model, placement: dict | None,

@@ -91,6 +91,27 @@ class ExpertsUnit(UnitKind):
         ids = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids}
 
+    def routing_trace(self, model, inputs, kept, reference):
+        from fair_moe.units.experts.trace import trace_original
+
+        return trace_original(model, inputs, kept, self.forward_kwargs, reference)
+
+    def by_parts(self, reloaded, inputs, plan, trace):
+        from fair_moe.checkpoint.verify import ByParts
+        from fair_moe.units.experts.trace import (
+            differing_decisions,
+            score_difference,
+            trace_following,
+            unexplained_decisions,
+        )
+
+        following = trace_following(reloaded, inputs, plan.kept, trace, self.forward_kwargs)
+        scores = score_difference(trace, following)
+        delta = scores[0] if scores else None
+        unexplained = unexplained_decisions(trace, following, plan.kept, 2 * (delta or 0.0))
+        return ByParts(following.logits, delta, scores[1] if scores else 0.0, *differing_decisions(trace, following),
+                       unexplained)
+
     def verify_saved(self, folder: Path, plan, config) -> None:
         from fair_moe.units.experts.rewrite import verify_expert_keys
 

@@ -49,11 +49,14 @@ class ExpertMask(TorchFunctionMode):
     experts at -inf, as they are absent from the pruned router.
 
     The tensors are looked up through ``weights()`` / ``biases()`` at every operation, so a weight that accelerate
-    or ``functional_call`` swaps in while the router runs is the one followed."""
+    or ``functional_call`` swaps in while the router runs is the one followed. ``observe``, when given, is called
+    with each such logits / selection-score output ``[…, E]`` as the router goes on with it."""
 
     def __init__(self, weights: Callable[[], list[torch.Tensor]], biases: Callable[[], list[torch.Tensor]],
-                 num_experts: int, removed: torch.Tensor | None, scale: float = 1.0, tail: int = 0):
+                 num_experts: int, removed: torch.Tensor | None, scale: float = 1.0, tail: int = 0,
+                 observe: Callable[[torch.Tensor], None] | None = None):
         super().__init__()
+        self.observe = observe
         self.weights, self.biases = weights, biases
         self.num_experts = num_experts
         self.widths = (num_experts, num_experts + tail)  # a router may score classes after the routed experts
@@ -93,6 +96,8 @@ class ExpertMask(TorchFunctionMode):
             out = out.masked_fill(self._removed(out), float("-inf"))
             self.masked[id(out)] = out
         self.changed += 1
+        if self.observe is not None:
+            self.observe(out)
         return out
 
     def _removed(self, out: torch.Tensor) -> torch.Tensor:
@@ -103,9 +108,9 @@ class ExpertMask(TorchFunctionMode):
 
 
 def expert_mask(layer: MoELayer, removed: torch.Tensor | None, scale: float = 1.0,
-                parameters: dict | None = None) -> ExpertMask:
+                parameters: dict | None = None, observe: Callable[[torch.Tensor], None] | None = None) -> ExpertMask:
     """The mask for one layer's router: its logits weight (or the one in ``parameters``, router-relative names, as
-    ``functional_call`` substitutes it) and its selection biases."""
+    ``functional_call`` substitutes it) and its selection biases; ``observe`` sees its logits and scores."""
     weight_path = layer.structure.logits_weight
     router_prefix = layer.structure.router_path + "."
 
@@ -114,7 +119,8 @@ def expert_mask(layer: MoELayer, removed: torch.Tensor | None, scale: float = 1.
             return [parameters[weight_path.removeprefix(router_prefix)]]
         return [layer.logits_weight()]
 
-    return ExpertMask(weights, layer.selection_biases, layer.num_experts, removed, scale, layer.structure.router_tail)
+    return ExpertMask(weights, layer.selection_biases, layer.num_experts, removed, scale, layer.structure.router_tail,
+                      observe)
 
 
 def routing_of(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
