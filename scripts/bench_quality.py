@@ -22,6 +22,11 @@ evaluated through the exact masked forward (removed experts' router logits at -i
 the test suite proves equal to the written checkpoint, on held-out documents that neither training nor calibration
 saw (non-overlapping 512-token windows, all domains).
 
+Each full cell also records what auto judges by, so that a change of its rule can be replayed offline over every
+recorded cell (``scripts/bench_replay_rule.py``) before any rerun: ``judge`` holds every fixed configuration's
+per-window KL(dense ‖ pruned) on all judging windows (both looks, in order; ``first_look`` of them are the first)
+and ``default_selection`` what the default's own run measured on its candidates.
+
 Per cell: dense; every allocation (uniform, global, tod) × removal signal (reap, frequency, ean, wasserstein when
 available, consensus), without compensation and with the layer scale; the paper's rule (tod + wasserstein +
 Taylor, no compensation; tod + ean where there is one class); the default command (no method flags); and router
@@ -48,11 +53,11 @@ sys.path.insert(0, str(ROOT))
 
 from fair_moe.calibration.text import sources_from_files, token_stream  # noqa: E402
 from fair_moe.core.budget import Budget  # noqa: E402
-from fair_moe.metrics import stream_nll  # noqa: E402
+from fair_moe.metrics import DenseReference, stream_nll  # noqa: E402
 from fair_moe.strategies import COMPENSATIONS  # noqa: E402
 from fair_moe.strategies.compensations import FitData  # noqa: E402
 from fair_moe.strategies.planning import make_plan  # noqa: E402
-from fair_moe.strategies.selection import decide_compensation, reference, select_plan  # noqa: E402
+from fair_moe.strategies.selection import decide_compensation, judging_windows, reference, select_plan, window_kl  # noqa: E402  # noqa: E402
 from fair_moe.units import UNIT_KINDS  # noqa: E402
 from fair_moe.workflow.scoring import score  # noqa: E402
 
@@ -111,11 +116,25 @@ def default_plan(model, scores, budget: float):
 
 
 def run_default(model, scores, streams, budget: float) -> dict:
-    """The default command's plan and compensation at one budget, and its held-out perplexity."""
+    """The default command's plan and compensation at one budget, its held-out perplexity, and what auto measured
+    on its candidates (``default_selection``: per candidate plan the judged windows, mean KL, paired gain and its
+    standard error, wins, losses, screened out; per compensation the same)."""
     start = time.perf_counter()
     plan, method = default_plan(model, scores, budget)
-    return {"default_seconds": time.perf_counter() - start, "default": evaluate(model, plan, streams),
-            "default_method": method}
+    seconds = time.perf_counter() - start
+    keep = ("windows", "kl_mean", "gain_vs_default", "gain_se", "wins", "losses", "screened_out")
+    candidates = {f"{row['allocation']}+{row['removal']}": {k: row[k] for k in keep if k in row}
+                  for row in plan.settings.get("candidates", [])}
+    decision = plan.settings.get("compensation_decision", {})
+    compensations = {row["compensation"]: {k: row[k] for k in keep if k in row}
+                     for row in decision.get("candidates", [])}
+    return {"default_seconds": seconds, "default": evaluate(model, plan, streams), "default_method": method,
+            "default_selection": {"plans": candidates, "compensations": compensations}}
+
+
+def judge_kl(model, judge, plan) -> list[float]:
+    """Per judging window, KL(dense ‖ pruned) of ``plan`` (its compensation applied): what auto judges by."""
+    return window_kl(judge, model, EXPERTS, plan.kept, plan.compensation).tolist()
 
 
 def load_fixture(fixture: str):
@@ -151,14 +170,21 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, onl
     result: dict = {"dense": dense}
     if only_default:
         return {**result, **run_default(model, scores, streams, budget)}
+    ids = judging_windows(scores)
+    judge = DenseReference(model, ids, 4)
+    kls: dict[str, list[float]] = {}
+    result["judge"] = {"windows": len(ids), "first_look": scores.meta.get("calibration", {}).get("first_look"),
+                       "kl": kls}
     for allocation in ALLOCATIONS:
         for signal in SIGNALS:
             if signal not in scores.removal:
                 continue
             plan = make_plan(scores, target, allocation, signal)
             result[f"{allocation}+{signal}"] = evaluate(model, plan, streams)
+            kls[f"{allocation}+{signal}"] = judge_kl(model, judge, plan)
             plan.compensation = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(fit_ids))
             result[f"{allocation}+{signal}+layer-scale"] = evaluate(model, plan, streams)
+            kls[f"{allocation}+{signal}+layer-scale"] = judge_kl(model, judge, plan)
     paper_signal = "wasserstein" if "wasserstein" in scores.removal else "ean"
     result["paper"] = result[f"tod+{paper_signal}"]
     result["paper_method"] = f"tod+{paper_signal}"
@@ -166,6 +192,7 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, onl
     kd_plan = make_plan(scores, target, "uniform", "ean")
     kd_plan.compensation = COMPENSATIONS.get("router-kd").fit(model, kd_plan.kept, FitData(fit_ids))
     result["uniform+ean+router-kd"] = evaluate(model, kd_plan, streams)
+    kls["uniform+ean+router-kd"] = judge_kl(model, judge, kd_plan)
     baselines = {name: result[name] for name in (f"{a}+{s}" for a in BASELINE_ALLOCATIONS for s in BASELINE_SIGNALS)
                  if name in result}
     fixed = {k: v for k, v in result.items() if isinstance(v, float) and k.split("+")[0] in ALLOCATIONS}

@@ -1,0 +1,166 @@
+"""Replay ``--allocation auto``'s decision offline on the battery's recorded judge KLs, for its rule and variants.
+
+    python scripts/bench_replay_rule.py bench_out/replay_qwen2moe6_sources bench_out/replay_qwen2moe6_mixed
+
+Each full cell of ``scripts/bench_quality.py`` records, for every fixed configuration, the per-window KL(dense ‖
+pruned) on all judging windows (``judge``) beside its held-out perplexity. This script runs a decision rule on those
+numbers — the judging the CLI does, with the same screening, looks and clear-margin test (``strategies.selection``)
+— and reports the held-out perplexity of what the rule would have chosen, divided by the cell's best baseline. A
+rule variant is then measured over every recorded cell in seconds instead of hours of reruns. Develop a variant on
+development cells (``bench_quality.DEVELOPMENT_CELLS``) and read the check cells only to confirm it.
+
+Limits (said in the output too): the plan decision is replayed over the uncompensated candidates as the CLI does;
+the compensation decision only over none and the layer scale, because router KD is fitted (and recorded) for
+uniform + ean alone; and the battery fits the layer scale on 64 calibration windows where the CLI fits on 32. The
+``current`` row's plan is compared with what the default's own run chose, as a check of the replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import DEVELOPMENT_CELLS  # noqa: E402
+
+from fair_moe.strategies import selection  # noqa: E402
+
+CANDIDATE_ALLOCATIONS = ("uniform", "global", "tod")
+CANDIDATE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")  # auto's candidates (consensus is opt-in)
+COMPENSATIONS = ("none", "layer-scale")
+
+
+def windows(cell: dict, name: str) -> torch.Tensor:
+    return torch.tensor(cell["judge"]["kl"][name], dtype=torch.float64)
+
+
+def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], bool], screen: bool) -> str:
+    """The name a rule chooses among ``names`` (``default`` kept unless a rival is ``clear``), judged as the CLI
+    judges: screening on the first quarter of the first look, the first look, the second look for undecided rivals."""
+    first_look = cell["judge"]["first_look"] or len(cell["judge"]["kl"][default])
+    full = {name: windows(cell, name) for name in names}
+    first = {name: kl[:first_look] for name, kl in full.items()}
+    racing = names
+    if screen and first_look >= 8:
+        quarter = max(4, first_look // 4)
+        racing = [n for n in names if n == default
+                  or not selection.clearly_worse(first[n][:quarter], first[default][:quarter])]
+    rows = {n: selection._summary(first[n], first[default]) for n in racing}
+    index = {n: i for i, n in enumerate(racing)}
+    extend = [racing[i] for i in selection.to_extend({index[n]: r for n, r in rows.items()}, index[default])]
+    eligible = racing
+    if extend and len(full[default]) > first_look:
+        eligible = [n for n in racing if n == default or n in extend]
+        rows.update({n: selection._summary(full[n], full[default]) for n in eligible})
+    pool = [rows[n] for n in eligible]
+    winners = [i for i, row in enumerate(pool) if eligible[i] != default and clear(row)]
+    return eligible[min(winners, key=lambda i: (pool[i]["kl_mean"], i))] if winners else default
+
+
+def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
+         screen: bool = True) -> Callable[[dict], str]:
+    """A decision rule: the plan, then its compensation (none or the layer scale), each by ``clear``."""
+
+    def decide(cell: dict) -> str:
+        plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
+                 if f"{a}+{s}" in cell["judge"]["kl"]]
+        chosen = judged(cell, plans, default_plan if default_plan in plans else plans[0], clear, screen)
+        return judged(cell, [chosen, f"{chosen}+layer-scale"], chosen, clear, screen=False)
+
+    return decide
+
+
+def joint_rule(clear: Callable[[dict], bool] = selection.clearly_better) -> Callable[[dict], str]:
+    """Plan and compensation chosen together: every candidate plan with and without the layer scale."""
+
+    def decide(cell: dict) -> str:
+        plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
+                 if f"{a}+{s}" in cell["judge"]["kl"]]
+        names = plans + [f"{p}+layer-scale" for p in plans]
+        return judged(cell, names, "uniform+ean", clear, screen=True)
+
+    return decide
+
+
+def mean_only(z: float) -> Callable[[dict], bool]:
+    return lambda row: row["gain_vs_default"] > z * row["gain_se"]
+
+
+def with_z(z: float) -> Callable[[dict], bool]:
+    return lambda row: (row["gain_vs_default"] > z * row["gain_se"]
+                        or (selection.sign_z(row) > z and not selection.one_window_loss(row)))
+
+
+RULES: dict[str, Callable[[dict], str]] = {
+    "current": rule(),
+    "z=3": rule(clear=with_z(3.0)),
+    "z=1.5": rule(clear=with_z(1.5)),
+    "mean test only": rule(clear=mean_only(2.0)),
+    "lowest mean KL (no default)": rule(clear=lambda row: True, screen=False),
+    "joint plan × {none, layer scale}": joint_rule(),
+}
+
+
+def rank_agreement(cell: dict) -> float:
+    """Spearman's rank correlation, over every recorded configuration of a cell, between its mean judge KL and its
+    held-out perplexity: how far the judging windows tell what held-out text tells."""
+    names = list(cell["judge"]["kl"])
+    kl = torch.tensor([windows(cell, n).mean().item() for n in names])
+    ppl = torch.tensor([cell[n] for n in names])
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(torch.argsort(x)).double()
+
+    a, b = ranks(kl), ranks(ppl)
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def report(cells: list[dict]) -> str:
+    lines = ["| rule | cells | worst ÷ best baseline | mean | mean at 0.5 | worst on check cells | chosen = default's "
+             "plan |", "|---|---|---|---|---|---|---|"]
+    for name, decide in RULES.items():
+        ratios, half, check, same = [], [], [], 0
+        for cell in cells:
+            chosen = decide(cell)
+            ratio = cell[chosen] / cell["best_baseline"]
+            ratios.append(ratio)
+            half += [ratio] if cell["budget"] == 0.5 else []
+            check += [ratio] if (cell["fixture"], cell["regime"]) not in DEVELOPMENT_CELLS else []
+            same += chosen.removesuffix("+layer-scale") == "+".join(cell["default_method"].split("+")[:2])
+        lines.append(f"| {name} | {len(cells)} | {max(ratios):.3f} | {sum(ratios) / len(ratios):.3f} | "
+                     + (f"{sum(half) / len(half):.3f}" if half else "–") + " | "
+                     + (f"{max(check):.3f}" if check else "–") + f" | {same} of {len(cells)} |")
+    lines += ["", "Plan decision over the uncompensated candidates, compensation over none / layer scale only (router "
+              "KD is recorded for uniform + ean alone); 'chosen = default's plan' counts the cells where the replayed "
+              "plan is the one the default's own run chose (for `current` a check of the replay)."]
+    per_cell = ["", "| fixture | regime | budget | judge ↔ held-out rank correlation | best baseline | "
+                "default (its run) | " + " | ".join(RULES) + " |", "|---|---|---|---|---|---|" + "---|" * len(RULES)]
+    for cell in cells:
+        picks = [f"{decide(cell)} {cell[decide(cell)] / cell['best_baseline']:.3f}" for decide in RULES.values()]
+        per_cell.append(f"| {cell['fixture']} | {cell['regime']} | {cell['budget']} | {rank_agreement(cell):.2f} | "
+                        f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) | {cell['default_method']} "
+                        f"{cell['default'] / cell['best_baseline']:.3f} | " + " | ".join(picks) + " |")
+    return "\n".join(lines + per_cell)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", type=Path, nargs="+", help="bench_quality.py --out folders (their cells.jsonl)")
+    args = p.parse_args(argv)
+    cells = [c for folder in args.folders for c in map(json.loads, (folder / "cells.jsonl").read_text().splitlines())
+             if "judge" in c]
+    if not cells:
+        print("no cell with recorded judge KLs (run scripts/bench_quality.py without --only-default)", file=sys.stderr)
+        return 2
+    print(report(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
