@@ -39,27 +39,37 @@ def windows(cell: dict, name: str) -> torch.Tensor:
     return torch.tensor(cell["judge"]["kl"][name], dtype=torch.float64)
 
 
+class RecordedLooks:
+    """The second look of ``selection.judge_in_looks``, over recorded windows (it only asks whether there is one)."""
+
+    def __init__(self, has_second: bool):
+        self.has_second = has_second
+
+    def second(self):
+        return "second" if self.has_second else None
+
+
 def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], bool], screen: bool) -> str:
-    """The name a rule chooses among ``names`` (``default`` kept unless a rival is ``clear``), judged as the CLI
-    judges: screening on the first quarter of the first look, the first look, the second look for undecided rivals."""
+    """The name a rule chooses among ``names`` (``default`` kept unless a rival is ``clear``), judged by the CLI's
+    own code (``selection.judge_in_looks``, with ``clear`` in place of ``selection.clearly_better``): screening on
+    the first quarter of the first look, the first look, the second look for undecided rivals."""
     first_look = cell["judge"]["first_look"] or len(cell["judge"]["kl"][default])
     full = {name: windows(cell, name) for name in names}
-    first = {name: kl[:first_look] for name, kl in full.items()}
     racing = names
     if screen and first_look >= 8:
         quarter = max(4, first_look // 4)
         racing = [n for n in names if n == default
-                  or not selection.clearly_worse(first[n][:quarter], first[default][:quarter])]
-    rows = {n: selection._summary(first[n], first[default]) for n in racing}
-    index = {n: i for i, n in enumerate(racing)}
-    extend = [racing[i] for i in selection.to_extend({index[n]: r for n, r in rows.items()}, index[default])]
-    eligible = racing
-    if extend and len(full[default]) > first_look:
-        eligible = [n for n in racing if n == default or n in extend]
-        rows.update({n: selection._summary(full[n], full[default]) for n in eligible})
-    pool = [rows[n] for n in eligible]
-    winners = [i for i, row in enumerate(pool) if eligible[i] != default and clear(row)]
-    return eligible[min(winners, key=lambda i: (pool[i]["kl_mean"], i))] if winners else default
+                  or not selection.clearly_worse(full[n][:quarter], full[default][:quarter])]
+    first = {i: full[n][:first_look] for i, n in enumerate(racing)}
+    original = selection.clearly_better
+    selection.clearly_better = clear
+    try:
+        _, _, chosen, _ = selection.judge_in_looks(lambda part, i: full[racing[i]][first_look:], first,
+                                                   racing.index(default),
+                                                   RecordedLooks(len(full[default]) > first_look))
+    finally:
+        selection.clearly_better = original
+    return racing[chosen]
 
 
 def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
