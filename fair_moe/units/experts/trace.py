@@ -57,14 +57,14 @@ def new_positions(kept: list[int] | None, num_experts: int) -> torch.Tensor:
     return positions
 
 
-def to_original(ids: torch.Tensor, kept: list[int] | None) -> torch.Tensor:
-    """Sliced-layer ids ``[T, k]`` → original ids (an id outside ``[0, E')``, a padding slot, is moved past ``E``)."""
+def to_original(ids: torch.Tensor, kept: list[int] | None, num_experts: int) -> torch.Tensor:
+    """Sliced-layer ids ``[T, k]`` → ids among the original ``num_experts`` (an id outside ``[0, E')``, a padding
+    slot, keeps its distance past the end)."""
     if kept is None:
         return ids
     order = torch.tensor(sorted(kept), dtype=ids.dtype, device=ids.device)
     inside = (ids >= 0) & (ids < len(order))
-    original = ids + (max(kept) + 1 - len(order))  # outside ids keep their distance past the end
-    return torch.where(inside, order[ids.clamp(0, len(order) - 1)], original)
+    return torch.where(inside, order[ids.clamp(0, len(order) - 1)], ids + (num_experts - len(order)))
 
 
 def to_sliced(ids: torch.Tensor, kept: list[int] | None, num_experts: int) -> torch.Tensor:
@@ -140,10 +140,10 @@ def trace_following(model: nn.Module, inputs: dict, kept: dict[int, list[int]], 
         index = call.layer.index
         layer_kept = kept.get(index)
         entry = record.setdefault(index, LayerTrace(torch.empty(0), torch.empty(0)))
-        entry.ids = to_original(call.ids.detach().cpu(), layer_kept)
+        given = reference.layers[index]
+        entry.ids = to_original(call.ids.detach().cpu(), layer_kept, given.num_experts)
         entry.weights = call.weights.detach().float().cpu()
         entry.num_experts = call.layer.num_experts
-        given = reference.layers[index]
         ids = to_sliced(given.ids, layer_kept, given.num_experts).to(call.ids.device, call.ids.dtype)
         return call.run(call.hidden_states, ids, given.weights.to(call.weights.device, call.weights.dtype))
 

@@ -17,10 +17,10 @@ KEPT = [0, 2, 3, 5, 7, 9, 10, 11]  # experts 2 and 5 are kept and tie exactly (t
 def test_ids_map_between_the_original_and_the_sliced_numbering():
     assert new_positions([7, 2, 4], 8).tolist() == [-1, -1, 0, -1, 1, -1, -1, 2]
     sliced = torch.tensor([[0, 2], [1, 3]])  # 3: a padding slot one past the 3 kept experts
-    original = to_original(sliced, [2, 4, 7])
-    assert original.tolist() == [[2, 7], [4, 8]]  # the padding slot stays one past the end
+    assert to_original(sliced, [2, 4, 7], 8).tolist() == [[2, 7], [4, 8]]  # the padding slot stays one past the end
+    assert to_original(sliced, [1, 2, 5], 8).tolist() == [[1, 5], [2, 8]]  # never a removed expert's id
     assert to_sliced(torch.tensor([[2, 7], [4, 8]]), [2, 4, 7], 8).tolist() == [[0, 2], [1, 3]]
-    assert torch.equal(to_original(sliced, None), sliced)
+    assert torch.equal(to_original(sliced, None, 8), sliced)
 
 
 def _width_dependent_topk(full_width: int):
