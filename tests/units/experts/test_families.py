@@ -212,3 +212,28 @@ def _for_pruned(args, layer, pruned_layer):
     """The router's arguments for the pruned layer: a selection bias the block passes in is the pruned block's."""
     swapped = {id(layer.tensor(path)): pruned_layer.tensor(path) for path in layer.structure.selection_biases}
     return tuple(swapped.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_the_check_by_parts_passes_a_right_checkpoint(family, tmp_path):
+    """The half-precision fallback of verification (``units/experts/trace.py``) works on every family: the traced
+    reference gives the masked original's logits, and on a right uneven checkpoint the reloaded routers score what
+    the original's do on the kept experts, choose the same experts, and give the same logits under its routing."""
+    from fair_moe.units import UNIT_KINDS
+
+    name, model, _ = family
+    unit = UNIT_KINDS.get("experts")
+    plan = grouped_uneven_plan(model)
+    inputs = {"input_ids": IDS}
+    trace = unit.routing_trace(model, inputs, plan.kept, lambda: masked_experts(model, plan.kept))
+    with masked_experts(model, plan.kept):
+        reference = _logits(model)
+    scale = max(reference.abs().max().item(), 1e-2)
+    assert (trace.logits - reference).abs().max().item() < 1e-5 * scale
+    assert set(trace.layers) == set(plan.kept) and all(layer.scores for layer in trace.layers.values())
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tmp_path, plan=plan)
+    auto = getattr(transformers, get_adapter(model.config).auto_class(model.config))
+    reloaded = auto.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32)
+    parts = unit.by_parts(reloaded, inputs, plan, trace)
+    assert parts.differing == 0 and parts.unexplained == 0 and parts.decisions > 0
+    assert parts.router_delta is not None and parts.router_delta < 1e-4 * max(1.0, parts.router_scale)
+    assert (parts.outputs - reference).abs().max().item() < 1e-4 * min(1.0, scale)
