@@ -110,9 +110,12 @@ RULES: dict[str, Callable[[dict], str]] = {
     "current": rule(),
     "z=3": rule(clear=with_z(3.0)),
     "z=1.5": rule(clear=with_z(1.5)),
+    "no screening": rule(screen=False),
     "mean test only": rule(clear=mean_only(2.0)),
     "sign test needs gain > 1 se": rule(clear=lambda row: (row["gain_vs_default"] > 2 * row["gain_se"] or (
         selection.sign_z(row) > 2 and row["gain_vs_default"] > row["gain_se"]))),
+    "no screening, sign test needs gain > 0": rule(screen=False, clear=lambda row: (
+        row["gain_vs_default"] > 2 * row["gain_se"] or (selection.sign_z(row) > 2 and row["gain_vs_default"] > 0))),
     "lowest mean KL (no default)": rule(clear=lambda row: True, screen=False),
     "joint plan × {none, layer scale}": joint_rule(),
 }
