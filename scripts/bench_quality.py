@@ -15,7 +15,8 @@ on several fixtures × two calibration regimes × five budgets.
 Fixtures: ``demo`` (the shipped qwen2_moe, 32 experts top-4 + a shared expert), ``olmoe`` (32 experts top-4, no
 shared expert), ``mixtral`` (8 experts top-2, renormalised), ``deepseek`` (32 experts top-4, sigmoid + selection
 bias, shared expert), ``qwen3`` (16 experts top-2, renormalised, no shared expert), ``qwen2moe6`` (6 layers, 30
-experts top-4, shared expert), ``olmoe16`` (5 layers, 16 experts top-4, no shared expert). Regimes: ``sources``
+experts top-4, shared expert), ``olmoe16`` (5 layers, 16 experts top-4, no shared expert), ``deepseek_grouped``
+(as deepseek, with group-limited routing: 4 groups of 8, the best 2; not in the battery yet). Regimes: ``sources``
 calibrates on one file per text domain (three classes); ``mixed`` on one file holding every document of the three,
 shuffled (one class: the "a C4 sample" situation, where the wasserstein signal is not available). Every model is
 evaluated through the exact masked forward (removed experts' router logits at -inf, the compensation applied), which
@@ -65,7 +66,7 @@ EXPERTS = UNIT_KINDS.get("experts")
 FIXTURES = {
     "demo": (ROOT / "fair_moe" / "data" / "demo_model", ROOT / "fair_moe" / "data"),
     **{name: (ROOT / "bench_out" / "fixtures" / name / "model", ROOT / "bench_out" / "fixtures" / name)
-       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16")},
+       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16", "deepseek_grouped")},
 }
 ALLOCATIONS = ("uniform", "global", "tod")
 SIGNALS = ("reap", "frequency", "ean", "wasserstein", "consensus")
