@@ -58,7 +58,13 @@ from fair_moe.metrics import DenseReference, stream_nll  # noqa: E402
 from fair_moe.strategies import COMPENSATIONS  # noqa: E402
 from fair_moe.strategies.compensations import FitData  # noqa: E402
 from fair_moe.strategies.planning import make_plan  # noqa: E402
-from fair_moe.strategies.selection import decide_compensation, judging_windows, reference, select_plan, window_kl  # noqa: E402  # noqa: E402
+from fair_moe.strategies.selection import (  # noqa: E402
+    decide_compensation,
+    judging_windows,
+    reference,
+    select_plan,
+    window_kl,
+)
 from fair_moe.units import UNIT_KINDS  # noqa: E402
 from fair_moe.workflow.scoring import score  # noqa: E402
 

@@ -12,6 +12,11 @@ from fair_moe.core.errors import FairMoeError
 log = logging.getLogger(__name__)
 
 
+def half_precision_tolerance(largest: float) -> float:
+    """The largest |Δ| a half-precision round trip may show: 2 % of the largest value compared (at least 1)."""
+    return 2e-2 * max(1.0, largest)
+
+
 def compare_outputs(reloaded: torch.Tensor, reference: torch.Tensor, exact: bool, exact_tolerance: float,
                     what: str) -> float:
     """Max |Δ| between the reloaded checkpoint's outputs and the reference's; a FairMoeError when too large.
@@ -20,7 +25,7 @@ def compare_outputs(reloaded: torch.Tensor, reference: torch.Tensor, exact: bool
     a compensation rescaled, so the tolerance then follows the saved precision (2 % of the largest output).
     """
     diff = (reloaded.float().cpu() - reference.float().cpu()).abs().max().item()
-    tolerance = exact_tolerance if exact else 2e-2 * max(1.0, reference.abs().max().item())
+    tolerance = exact_tolerance if exact else half_precision_tolerance(reference.abs().max().item())
     if not diff <= tolerance:
         hint = "" if exact else (
             " (in half precision two kept experts can tie exactly at the top-k boundary, and torch.topk may break the "
@@ -54,10 +59,10 @@ def compare_by_parts(parts: ByParts, reference: torch.Tensor, what: str, plain_e
     half-precision tolerance (2 % of the largest value): its routers' scores, and its outputs under the original's
     routing, and every routing decision of its own that differs is a tie or near-tie of the original's scores.
     Else ``plain_error``, told what the parts showed. Returns the outputs' max |Δ|."""
-    router_tolerance = 2e-2 * max(1.0, parts.router_scale)
+    router_tolerance = half_precision_tolerance(parts.router_scale)
     router_ok = parts.router_delta is not None and parts.router_delta <= router_tolerance
     diff = (parts.outputs.float().cpu() - reference.float().cpu()).abs().max().item()
-    tolerance = 2e-2 * max(1.0, reference.abs().max().item())
+    tolerance = half_precision_tolerance(reference.abs().max().item())
     if not (router_ok and diff <= tolerance and parts.unexplained == 0):
         router = ("the routers computed different tensors" if parts.router_delta is None else
                   f"router scores max |Δ| = {parts.router_delta:.3g} (tolerance {router_tolerance:.3g})")

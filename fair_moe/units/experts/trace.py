@@ -33,8 +33,8 @@ class LayerTrace:
     original model's numbering), and the router's logits / selection scores ``[T, E']`` on the kept experts, in the
     order the router computed them."""
 
-    ids: torch.Tensor
-    weights: torch.Tensor
+    ids: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    weights: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     scores: list[torch.Tensor] = field(default_factory=list)
     num_experts: int = 0  # the layer's expert count in the model traced
 
@@ -91,8 +91,7 @@ def _observed_routers(model: nn.Module, kept: dict[int, list[int]] | None, origi
             def observe(out, _index=layer.index, _columns=columns, _experts=layer.num_experts):
                 scores = out.detach().reshape(-1, out.shape[-1])[:, :_experts]
                 scores = scores[:, _columns] if _columns is not None else scores
-                record.setdefault(_index, LayerTrace(torch.empty(0), torch.empty(0))).scores.append(
-                    scores.float().cpu())
+                record.setdefault(_index, LayerTrace()).scores.append(scores.float().cpu())
 
             current = layer.router.forward
 
@@ -120,7 +119,7 @@ def trace_original(model: nn.Module, inputs: dict, kept: dict[int, list[int]], f
     record: dict[int, LayerTrace] = {}
 
     def tap(call: ExpertsCall) -> None:
-        entry = record.setdefault(call.layer.index, LayerTrace(torch.empty(0), torch.empty(0)))
+        entry = record.setdefault(call.layer.index, LayerTrace())
         entry.ids, entry.weights = call.ids.detach().cpu(), call.weights.detach().float().cpu()
         entry.num_experts = call.layer.num_experts
 
@@ -139,7 +138,7 @@ def trace_following(model: nn.Module, inputs: dict, kept: dict[int, list[int]], 
     def tap(call: ExpertsCall) -> torch.Tensor:
         index = call.layer.index
         layer_kept = kept.get(index)
-        entry = record.setdefault(index, LayerTrace(torch.empty(0), torch.empty(0)))
+        entry = record.setdefault(index, LayerTrace())
         given = reference.layers[index]
         entry.ids = to_original(call.ids.detach().cpu(), layer_kept, given.num_experts)
         entry.weights = call.weights.detach().float().cpu()
