@@ -7,7 +7,15 @@ import torch
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.units import UNIT_KINDS
-from fair_moe.units.experts.trace import new_positions, to_original, to_sliced
+from fair_moe.units.experts.trace import (
+    LayerTrace,
+    RoutingTrace,
+    differing_decisions,
+    new_positions,
+    to_original,
+    to_sliced,
+    unexplained_decisions,
+)
 from fair_moe.workflow import writing
 from tests.conftest import build_model, tiny_qwen2_moe_config
 
@@ -21,6 +29,24 @@ def test_ids_map_between_the_original_and_the_sliced_numbering():
     assert to_original(sliced, [1, 2, 5], 8).tolist() == [[1, 5], [2, 8]]  # never a removed expert's id
     assert to_sliced(torch.tensor([[2, 7], [4, 8]]), [2, 4, 7], 8).tolist() == [[0, 2], [1, 3]]
     assert torch.equal(to_original(sliced, None, 8), sliced)
+
+
+def test_only_ties_within_the_slack_explain_a_differing_decision():
+    """Layer 0 keeps experts [1, 3, 4, 6] of 8, top-1; scores are on the kept experts in that order."""
+    scores = torch.tensor([[2.0, 2.0, 0.0, 0.0],   # 1 and 3 tie: choosing 3 instead of 1 is explained
+                           [3.0, 1.0, 0.0, 0.0],   # 1 beats 3 by 2: choosing 3 is not
+                           [0.0, 0.0, 1.05, 1.0],  # 4 beats 6 by 0.05: explained by a slack of 0.1 only
+                           [0.0, 5.0, 0.0, 0.0]])  # the same choice on both sides
+    original = RoutingTrace(torch.zeros(1), {0: LayerTrace(torch.tensor([[1], [1], [4], [3]]), torch.ones(4, 1),
+                                                           [scores], num_experts=8)})
+    reloaded = RoutingTrace(torch.zeros(1), {0: LayerTrace(torch.tensor([[3], [3], [6], [3]]), torch.ones(4, 1),
+                                                           [scores], num_experts=4)})
+    kept = {0: [1, 3, 4, 6]}
+    assert differing_decisions(original, reloaded) == (3, 4)
+    assert unexplained_decisions(original, reloaded, kept, slack=0.1) == 1
+    assert unexplained_decisions(original, reloaded, kept, slack=0.0) == 2
+    reloaded.layers[0].ids[0, 0] = 8  # a padding slot cannot be placed on the scores
+    assert unexplained_decisions(original, reloaded, kept, slack=0.1) == 2
 
 
 def _width_dependent_topk(full_width: int):
