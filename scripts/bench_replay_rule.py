@@ -9,10 +9,10 @@ numbers — the judging the CLI does, with the same screening, looks and clear-m
 rule variant is then measured over every recorded cell in seconds instead of hours of reruns. Develop a variant on
 development cells (``bench_quality.DEVELOPMENT_CELLS``) and read the check cells only to confirm it.
 
-Limits (said in the output too): the plan decision is replayed over the uncompensated candidates as the CLI does;
-the compensation decision only over none and the layer scale, because router KD is fitted (and recorded) for
-uniform + ean alone; and the battery fits the layer scale on 64 calibration windows where the CLI fits on 32. The
-``current`` row's plan is compared with what the default's own run chose, as a check of the replay.
+Limits (said in the output too): the compensation decision is replayed over none, the layer scale and router KD
+only where router KD was recorded (uniform + ean alone: it is fitted for that plan only); and the battery fits the
+layer scale on 64 calibration windows where the CLI fits on 32. Each rule's plan is compared with what the default's
+own run chose: for the rule the recorded run used, a check of the replay.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fair_moe.strategies import selection  # noqa: E402
 
 CANDIDATE_ALLOCATIONS = ("uniform", "global", "tod")
 CANDIDATE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")  # auto's candidates (consensus is opt-in)
-COMPENSATIONS = ("none", "layer-scale")
+COMPENSATIONS = ("none", "layer-scale", "router-kd")  # router KD is recorded for uniform + ean alone
 
 
 def windows(cell: dict, name: str) -> torch.Tensor:
@@ -72,6 +72,12 @@ def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], b
     return racing[chosen]
 
 
+def compensated(cell: dict, plan: str) -> list[str]:
+    """The compensation decision's candidates for ``plan``: none, the layer scale, and router KD where the cell
+    recorded it for that plan (uniform + ean)."""
+    return [plan] + [f"{plan}+{c}" for c in COMPENSATIONS[1:] if f"{plan}+{c}" in cell["judge"]["kl"]]
+
+
 def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
          screen: bool = True) -> Callable[[dict], str]:
     """A decision rule: the plan, then its compensation (none or the layer scale), each by ``clear``."""
@@ -80,7 +86,7 @@ def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = sele
         plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
                  if f"{a}+{s}" in cell["judge"]["kl"]]
         chosen = judged(cell, plans, default_plan if default_plan in plans else plans[0], clear, screen)
-        return judged(cell, [chosen, f"{chosen}+layer-scale"], chosen, clear, screen=False)
+        return judged(cell, compensated(cell, chosen), chosen, clear, screen=False)
 
     return decide
 
@@ -97,6 +103,26 @@ def joint_rule(clear: Callable[[dict], bool] = selection.clearly_better) -> Call
     return decide
 
 
+def as_written(clear: Callable[[dict], bool] = selection.clearly_better) -> Callable[[dict], str]:
+    """The CLI's rule since 2026-12-01 (``--compensate auto``): every plan that passes screening is also a candidate
+    with its own layer scale, in the same race against the bare default; then the compensation is decided for the
+    chosen plan (none, the layer scale, and router KD where the cell recorded it for that plan)."""
+
+    def decide(cell: dict) -> str:
+        plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
+                 if f"{a}+{s}" in cell["judge"]["kl"]]
+        first_look = cell["judge"]["first_look"] or len(cell["judge"]["kl"]["uniform+ean"])
+        quarter = max(4, first_look // 4) if first_look >= 8 else first_look
+        default = windows(cell, "uniform+ean")[:quarter]
+        passed = [p for p in plans if p == "uniform+ean"
+                  or not selection.clearly_worse(windows(cell, p)[:quarter], default)]
+        names = plans + [f"{p}+layer-scale" for p in passed]
+        plan = judged(cell, names, "uniform+ean", clear, screen=True).removesuffix("+layer-scale")
+        return judged(cell, compensated(cell, plan), plan, clear, screen=False)
+
+    return decide
+
+
 def mean_only(z: float) -> Callable[[dict], bool]:
     return lambda row: row["gain_vs_default"] > z * row["gain_se"]
 
@@ -107,7 +133,8 @@ def with_z(z: float) -> Callable[[dict], bool]:
 
 
 RULES: dict[str, Callable[[dict], str]] = {
-    "current": rule(),
+    "current: plans also judged with their layer scale": as_written(),
+    "plans judged bare (before 2026-12-01)": rule(),
     "z=3": rule(clear=with_z(3.0)),
     "z=1.5": rule(clear=with_z(1.5)),
     "no screening": rule(screen=False),
@@ -147,13 +174,13 @@ def report(cells: list[dict]) -> str:
             ratios.append(ratio)
             half += [ratio] if cell["budget"] == 0.5 else []
             check += [ratio] if (cell["fixture"], cell["regime"]) not in DEVELOPMENT_CELLS else []
-            same += chosen.removesuffix("+layer-scale") == "+".join(cell["default_method"].split("+")[:2])
+            same += "+".join(chosen.split("+")[:2]) == "+".join(cell["default_method"].split("+")[:2])
         lines.append(f"| {name} | {len(cells)} | {max(ratios):.3f} | {sum(ratios) / len(ratios):.3f} | "
                      + (f"{sum(half) / len(half):.3f}" if half else "–") + " | "
                      + (f"{max(check):.3f}" if check else "–") + f" | {same} of {len(cells)} |")
-    lines += ["", "Plan decision over the uncompensated candidates, compensation over none / layer scale only (router "
-              "KD is recorded for uniform + ean alone); 'chosen = default's plan' counts the cells where the replayed "
-              "plan is the one the default's own run chose (for `current` a check of the replay)."]
+    lines += ["", "Compensation over none / layer scale, and router KD only where it was recorded (uniform + ean); "
+              "'chosen = default's plan' counts the cells where the replayed plan is the one the default's own run "
+              "chose (for the rule that run used, a check of the replay)."]
     per_cell = ["", "| fixture | regime | budget | judge ↔ held-out rank correlation | best baseline | "
                 "default (its run) | " + " | ".join(RULES) + " |", "|---|---|---|---|---|---|" + "---|" * len(RULES)]
     for cell in cells:
