@@ -116,8 +116,7 @@ def evaluate(model, plan, streams) -> float:
 def default_plan(model, scores, budget: float):
     """The default command's plan and compensation at one budget, and its name (allocation+signal[+compensation])."""
     selection = select_plan(model, EXPERTS, scores, Budget(budget), "auto", progress=False)
-    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge,
-                               fitted=selection.fitted)
+    plan = decide_compensation(model, EXPERTS, selection.plan, scores, "auto", 4, judge=selection.judge)
     chosen = plan.settings["selected"]
     return plan, (f"{chosen['allocation']}+{chosen['removal']}"
                   + (f"+{plan.compensation.kind}" if plan.compensation else ""))

@@ -104,9 +104,9 @@ def joint_rule(clear: Callable[[dict], bool] = selection.clearly_better) -> Call
 
 
 def as_written(clear: Callable[[dict], bool] = selection.clearly_better) -> Callable[[dict], str]:
-    """The CLI's rule since 2026-12-01 (``--compensate auto``): every plan that passes screening is also a candidate
-    with its own layer scale, in the same race against the bare default; then the compensation is decided for the
-    chosen plan (none, the layer scale, and router KD where the cell recorded it for that plan)."""
+    """Plans judged as they would be written (tried in the CLI on 2026-12-01, not adopted: README): every plan that
+    passes screening is also a candidate with its own layer scale, in the same race against the bare default; then
+    the compensation is decided for the chosen plan (none, the layer scale, and router KD where recorded)."""
 
     def decide(cell: dict) -> str:
         plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
@@ -133,8 +133,8 @@ def with_z(z: float) -> Callable[[dict], bool]:
 
 
 RULES: dict[str, Callable[[dict], str]] = {
-    "current: plans also judged with their layer scale": as_written(),
-    "plans judged bare (before 2026-12-01)": rule(),
+    "current (plans judged bare)": rule(),
+    "plans also judged with their layer scale (tried, not adopted)": as_written(),
     "z=3": rule(clear=with_z(3.0)),
     "z=1.5": rule(clear=with_z(1.5)),
     "no screening": rule(screen=False),

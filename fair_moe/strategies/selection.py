@@ -36,16 +36,6 @@ plans that are good on typical windows and bad on the rest). Taking the lowest o
 luckiest candidate (the winner's curse); a clear paired margin is what survives it. Every candidate's mean, median,
 standard error, paired gain, wins and losses, and the rule, are recorded in the plan. Compensations are decided the
 same way, for the chosen plan: each auto candidate (fitted on calibration windows) against none.
-
-Plans as they would be written. Under ``--compensate auto`` the plans are not only judged bare: every plan that
-passes screening is also judged with its own layer scale (each ``judged_per_plan`` compensation: a closed-form fit,
-one pass over the calibration windows), as a candidate of its own in the same race against the bare default. Which
-plan is best bare and which is best once compensated differ: on the battery's development cells (the demo, both
-regimes), replaying the recorded window KLs, judging the plans bare chose global + frequency at 0.375 (held-out
-1.015 × the best baseline) where judging them compensated too chose global + ean (0.984), and at 0.5 uniform + ean
-(0.946 with router KD) where it chose tod + ean (0.936); no development cell got worse
-(``scripts/bench_replay_rule.py``). The compensation is then decided for the chosen plan as before (router KD, one
-fit of many steps, is fitted for the chosen plan only), with the layer scale fitted during selection reused.
 """
 
 from __future__ import annotations
@@ -53,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fair_moe.core.budget import Budget
 from fair_moe.core.errors import FairMoeError
@@ -81,9 +71,6 @@ COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none cle
                      "those with the lowest mean KL")
 COMPENSATION_FIT_WINDOWS = 32  # calibration windows a compensation is fitted on
 EXTEND = 3  # rivals judged on the second look at most
-PER_PLAN = ("under --compensate auto every plan that passes screening is also judged with its own {names} (fitted on "
-            "the calibration windows) as a candidate of its own, so that plans are compared as they would be written; "
-            "the compensation is then decided for the chosen plan")
 LOOKS = ("decided on the first look of judging windows, unless a rival halfway to clear (gain > 1 standard error or "
          f"sign test z > 1) could still win: then it and the default are judged on the second look too (at most "
          f"{EXTEND} rivals, lowest mean first, the best clear one among them) and the rule decides on both looks")
@@ -99,17 +86,15 @@ class Looks:
         self.model, self.batch_size, self.later_ids = model, batch_size, ids[n:]
         self.first = DenseReference(model, ids[:n], batch_size)
         self._second: DenseReference | None = None
-        self._kl: dict = {}  # (look, kept experts, compensation) → window KLs of that model
+        self._plain: dict = {}  # (look, kept experts) → window KLs of the plan without compensation
 
-    def kl(self, part: DenseReference, kept: dict[int, list[int]], record: CompensationRecord | None,
-           compute: Callable[[], torch.Tensor]):
-        """The window KLs [n] of the plan ``kept`` with compensation ``record`` (None: none) on ``part`` (a look or
-        a piece of one), computed once: the compensation decision judges the chosen plan, with the records plan
-        selection fitted for it, on the looks selection already did."""
-        key = (id(part), tuple(tuple(v) for _, v in sorted(kept.items())), id(record))
-        if key not in self._kl:  # part and record are kept with the value, so their ids are not reused meanwhile
-            self._kl[key] = (part, record, compute())
-        return self._kl[key][2]
+    def plain_kl(self, part: DenseReference, kept: dict[int, list[int]], compute: Callable[[], torch.Tensor]):
+        """The window KLs [n] of an uncompensated plan on ``part`` (a look or a piece of one), computed once: the
+        compensation decision judges the chosen plan without compensation on the looks selection already did."""
+        key = (id(part), tuple(tuple(v) for _, v in sorted(kept.items())))
+        if key not in self._plain:  # the part is kept with its value, so its id is not reused while the key is
+            self._plain[key] = (part, compute())
+        return self._plain[key][1]
 
     @classmethod
     def of(cls, model, scores: Scores, batch_size: int = 4) -> Looks:
@@ -134,12 +119,10 @@ class Looks:
 
 @dataclass
 class Selection:
-    """The chosen plan; ``judge`` the judging windows it was judged on and ``fitted`` the compensations fitted for
-    it while judging (both reused to decide its compensation)."""
+    """The chosen plan; ``judge`` the judging windows it was judged on (reused to decide its compensation)."""
 
     plan: PrunePlan
     judge: Looks | None = None
-    fitted: dict[str, CompensationRecord] = field(default_factory=dict)
 
 
 def reference(model, unit: UnitKind, kept: dict[int, list[int]], record: CompensationRecord | None
@@ -260,34 +243,11 @@ def judge_in_looks(kl_on: Callable[[DenseReference, int], torch.Tensor], first: 
     return [rows[i] for i in order], {i: len(kls[i]) for i in order}, chosen, second is not None
 
 
-def judged_per_plan(model, compensation: str, writable: frozenset[str] | None) -> list[Compensation]:
-    """The compensations auto's plan selection judges every candidate plan with, besides none: under
-    ``--compensate auto`` the auto candidates marked ``judged_per_plan`` that ``model`` and the output format
-    (``writable``; None = any) can take; none under any other ``--compensate`` (plans are judged uncompensated)."""
-    if compensation != AUTO:
-        return []
-    return [c for c in COMPENSATIONS if c.auto_candidate and c.judged_per_plan
-            and (writable is None or c.writes in writable) and not c.unavailable(model)]
-
-
-def fit_data(scores: Scores, batch_size: int, seed: int, compensation: Compensation, options: tuple[str, ...],
-             progress: bool) -> FitData:
-    """What a compensation is fitted on: ``COMPENSATION_FIT_WINDOWS`` calibration windows (the same for a fit in
-    plan selection and in the compensation decision, so that one can stand for the other)."""
-    ids = scores.calibration_subset(COMPENSATION_FIT_WINDOWS)
-    if ids is None:
-        raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
-                           "calibrate again or pass --compensate none")
-    return FitData(ids, batch_size, seed, options_for(compensation, options), progress)
-
-
 def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensation: str = "none",
                 protection: str = "taylor", min_keep: int | None = None, base_model: str | None = None,
                 batch_size: int = 4, progress: bool = True, seed: int = 0, options: tuple[str, ...] = (),
-                layout: str = "any", writable: frozenset[str] | None = None) -> Selection:
-    """The default plan, or a rival that is clearly better on the judging windows (module docstring). Under
-    ``--compensate auto`` every plan that passes screening is also judged with each ``judged_per_plan``
-    compensation fitted for it, as a candidate of its own."""
+                layout: str = "any") -> Selection:
+    """The default plan, or a rival that is clearly better on the judging windows (module docstring)."""
     from tqdm.auto import tqdm
 
     looks = Looks.of(model, scores, batch_size)
@@ -297,90 +257,67 @@ def select_plan(model, unit: UnitKind, scores: Scores, budget: Budget, compensat
     if DEFAULT_PLAN not in combos:
         raise FairMoeError(f"--allocation auto needs its default {'+'.join(DEFAULT_PLAN)} among the candidates")
     plans = [make_plan(scores, budget, a, r, protection, min_keep, base_model) for a, r in combos]
-    per_plan = judged_per_plan(model, compensation, writable) if unit.takes_compensation else []
-    default = combos.index(DEFAULT_PLAN)
-    candidates: list[tuple[int, CompensationRecord | None]] = [(i, None) for i in range(len(plans))]
+    default_index = combos.index(DEFAULT_PLAN)
     first = looks.first
     screen, rest = first.split(max(4, len(first) // 4)) if len(first) >= 8 else (first, None)
 
-    def kl_on(part: DenseReference, c: int):
-        i, record = candidates[c]
-        return looks.kl(part, plans[i].kept, record, lambda: window_kl(part, model, unit, plans[i].kept, record))
+    def kl_on(part: DenseReference, i: int):
+        return looks.plain_kl(part, plans[i].kept, lambda: window_kl(part, model, unit, plans[i].kept, None))
 
     bar = tqdm(total=len(combos) * 2, desc="judging candidate plans", disable=not progress)
     screened = []
-
-    def screen_up_to(n: int) -> None:
-        while len(screened) < n:
-            screened.append(kl_on(screen, len(screened)))
-            bar.update()
-
-    screen_up_to(len(candidates))
-    passed = [i for i in range(len(plans)) if i == default or not clearly_worse(screened[i], screened[default])]
-    if per_plan:
-        bar.total += 2 * len(passed) * len(per_plan)
-        for i in passed:
-            for compensation_ in per_plan:
-                record = compensation_.fit(model, plans[i].kept,
-                                           fit_data(scores, batch_size, seed, compensation_, options, False))
-                bar.update()
-                if record is not None:
-                    candidates.append((i, record))
-        screen_up_to(len(candidates))
-    racing = [c for c, kl in enumerate(screened) if c == default or not clearly_worse(kl, screened[default])]
+    for i in range(len(plans)):
+        screened.append(kl_on(screen, i))
+        bar.update()
+    racing = [i for i, kl in enumerate(screened)
+              if i == default_index or not clearly_worse(kl, screened[default_index])]
     first_kls = {}
-    for c in range(len(candidates)):
-        if c in racing:
-            first_kls[c] = screened[c] if rest is None else looks.kl(
-                first, plans[candidates[c][0]].kept, candidates[c][1],
-                lambda c=c: torch.cat([screened[c], kl_on(rest, c)]))
+    for i in range(len(plans)):
+        if i in racing:
+            first_kls[i] = screened[i] if rest is None else looks.plain_kl(
+                first, plans[i].kept, lambda i=i: torch.cat([screened[i], kl_on(rest, i)]))
         bar.update()
     bar.close()
-    judged, windows, chosen, _ = judge_in_looks(kl_on, first_kls, default, looks)
+    judged, windows, chosen, _ = judge_in_looks(kl_on, first_kls, default_index, looks)
     judged_rows = dict(zip(racing, judged, strict=True))
     rows = []
-    for c, (i, record) in enumerate(candidates):
-        row = judged_rows.get(c) or _summary(screened[c], screened[default])
-        rows.append({"allocation": combos[i][0], "removal": combos[i][1],
-                     "compensation": record.kind if record else "none", "alpha": plans[i].alpha,
-                     "screened_out": c not in judged_rows, "windows": windows.get(c, len(screen)), **row})
-    index, judged_with = candidates[chosen]
-    best = plans[index]
+    for i, ((a, r), plan) in enumerate(zip(combos, plans, strict=True)):
+        row = judged_rows.get(i) or _summary(screened[i], screened[default_index])
+        rows.append({"allocation": a, "removal": r, "alpha": plan.alpha, "screened_out": i not in judged_rows,
+                     "windows": windows.get(i, len(screen)), **row})
+    best = plans[chosen]
     best.settings = {
         **best.settings,
         "allocation": AUTO,
-        "selected": {"allocation": combos[index][0], "removal": combos[index][1], "compensation": "none",
-                     "judged_with": judged_with.kind if judged_with else "none", "kl_mean": rows[chosen]["kl_mean"]},
+        "selected": {"allocation": combos[chosen][0], "removal": combos[chosen][1], "compensation": "none",
+                     "kl_mean": rows[chosen]["kl_mean"]},
         "selection": {"criterion": CRITERION, "rule": RULE, **looks.describe(),
                       "screening": f"on {len(screen)} windows first; dropped when worse than the default by more "
                                    f"than {Z:g} paired standard errors",
-                      "looks": LOOKS, "default": "+".join(DEFAULT_PLAN),
-                      **({"judged_per_plan": PER_PLAN.format(names=", ".join(c.name for c in per_plan))}
-                         if per_plan else {})},
+                      "looks": LOOKS, "default": "+".join(DEFAULT_PLAN)},
         "candidates": rows,
     }
-    fitted = {record.kind: record for i, record in candidates if i == index and record is not None}
-    return Selection(best, looks, fitted)
+    return Selection(best, looks)
 
 
 def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, kind: str,
                         batch_size: int = 4, seed: int = 0, options: tuple[str, ...] = (),
                         progress: bool = False, judge: Looks | None = None,
-                        writable: frozenset[str] | None = None,
-                        fitted: dict[str, CompensationRecord] | None = None) -> PrunePlan:
+                        writable: frozenset[str] | None = None) -> PrunePlan:
     """Fit the chosen compensation on calibration windows and record it in the plan (the weights are untouched
     until writing). ``auto`` fits every auto candidate whose kind of change the output format can hold
     (``writable``, e.g. router-only changes for MXFP4; None = any) and keeps one only when it beats none clearly on
-    the judging windows (``COMPENSATION_RULE``), which no fit ever sees; the decision is recorded in the plan.
-    ``fitted`` holds records plan selection already fitted for this plan on the same windows (not fitted again)."""
+    the judging windows (``COMPENSATION_RULE``), which no fit ever sees; the decision is recorded in the plan."""
     if kind == "none" or not unit.takes_compensation:
         return plan
-    fitted = fitted or {}
+    ids = scores.calibration_subset(COMPENSATION_FIT_WINDOWS)
+    if ids is None:
+        raise FairMoeError("--compensate needs the calibration windows, which this scores file lacks: "
+                           "calibrate again or pass --compensate none")
 
     def fit(compensation: Compensation) -> CompensationRecord | None:
-        if compensation.name in fitted:
-            return fitted[compensation.name]
-        return compensation.fit(model, plan.kept, fit_data(scores, batch_size, seed, compensation, options, progress))
+        return compensation.fit(model, plan.kept,
+                                FitData(ids, batch_size, seed, options_for(compensation, options), progress))
 
     if kind != AUTO:
         chosen = COMPENSATIONS.get(kind)
@@ -401,7 +338,9 @@ def decide_compensation(model, unit: UnitKind, plan: PrunePlan, scores: Scores, 
     records = [None] + [fit(c) for c in candidates if c.name not in left_out]
 
     def kl_on(part: DenseReference, i: int):
-        return judge.kl(part, plan.kept, records[i], lambda: window_kl(part, model, unit, plan.kept, records[i]))
+        if records[i] is None:
+            return judge.plain_kl(part, plan.kept, lambda: window_kl(part, model, unit, plan.kept, None))
+        return window_kl(part, model, unit, plan.kept, records[i])
 
     first = {i: kl_on(judge.first, i) for i in range(len(records))}
     judged, windows, chosen, _ = judge_in_looks(kl_on, first, 0, judge)

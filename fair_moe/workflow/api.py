@@ -151,12 +151,14 @@ def prune_model(model, tokenizer, calibration: list[str] | list[CalibrationSourc
             sources = [CalibrationSource("texts", list(calibration))]
         scores = compute_scores(model, tokenizer, sources, samples, seq_len, batch_size, seed, progress)
     base = getattr(model.config, "_name_or_path", None) or None
+    judge = None
     if allocation == AUTO:
         selection = _selection.select_plan(model, unit, scores, target, compensation, base_model=base,
-                                           batch_size=batch_size, progress=progress, seed=seed)
+                                           progress=progress)
+        plan, judge = selection.plan, selection.judge
     else:
-        selection = _selection.Selection(_planning.make_plan(scores, target, allocation, removal, base_model=base))
-    plan = _selection.decide_compensation(model, unit, selection.plan, scores, compensation, batch_size, seed,
-                                          progress=progress, judge=selection.judge, fitted=selection.fitted)
+        plan = _planning.make_plan(scores, target, allocation, removal, base_model=base)
+    plan = _selection.decide_compensation(model, unit, plan, scores, compensation, batch_size, seed,
+                                          progress=progress, judge=judge)
     apply_plan(model, plan)
     return model, plan

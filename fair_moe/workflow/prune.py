@@ -28,7 +28,7 @@ from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import Scores
 from fair_moe.strategies import AUTO
 from fair_moe.strategies.planning import make_plan
-from fair_moe.strategies.selection import Selection, decide_compensation, select_plan
+from fair_moe.strategies.selection import decide_compensation, select_plan
 from fair_moe.units import UnitKind
 from fair_moe.workflow.report import Console
 from fair_moe.workflow.scoring import calibration_data, check_scores_fit, score, text_sources
@@ -337,24 +337,23 @@ def plan_for(model, unit: UnitKind, scores: Scores, budget: Budget, settings: Pr
     allocation = method.allocation_for(unit)
     result = result or PruneResult()
     with result.phase("select"):
-        selection = _allocate(model, unit, scores, budget, settings, allocation, writable)
+        plan, judge = _allocate(model, unit, scores, budget, settings, allocation)
     with result.phase("compensate"):
-        return decide_compensation(model, unit, selection.plan, scores, method.compensation, batch_size,
+        return decide_compensation(model, unit, plan, scores, method.compensation, batch_size,
                                    settings.calibration.seed, method.compensation_options,
-                                   settings.runtime.progress, selection.judge, writable, selection.fitted)
+                                   settings.runtime.progress, judge, writable)
 
 
-def _allocate(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings, allocation: str,
-              writable: frozenset[str] | None) -> Selection:
-    """The plan of a fixed allocation rule, or the one auto selects (with the dense reference it judged with and the
-    compensations it fitted for that plan)."""
+def _allocate(model, unit: UnitKind, scores: Scores, budget: Budget, settings: PruneSettings, allocation: str):
+    """The plan of a fixed allocation rule, or the one auto selects (and the dense reference it judged with)."""
     method, batch_size = settings.method, settings.calibration.batch_size
     if allocation == AUTO:
-        return select_plan(model, unit, scores, budget, method.compensation, method.protection,
-                           method.min_keep, settings.model, batch_size, settings.runtime.progress,
-                           settings.calibration.seed, method.compensation_options, method.layout, writable)
-    return Selection(make_plan(scores, budget, allocation, method.removal_for(unit), method.protection,
-                               method.min_keep, settings.model))
+        selection = select_plan(model, unit, scores, budget, method.compensation, method.protection,
+                                method.min_keep, settings.model, batch_size, settings.runtime.progress,
+                                settings.calibration.seed, method.compensation_options, method.layout)
+        return selection.plan, selection.judge
+    return make_plan(scores, budget, allocation, method.removal_for(unit), method.protection, method.min_keep,
+                     settings.model), None
 
 
 def _ppl_ids(processor, path: Path):

@@ -90,7 +90,7 @@ def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
     how = [
         f"- allocation: `{allocation}`" + (f" (Tolerance of Difference, α* = {plan.alpha:.4f})"
                                             if plan.alpha is not None else "")
-        + (f", chosen by `--allocation auto` among {_candidate_count(s.get('candidates', []))} judged on "
+        + (f", chosen by `--allocation auto` among {len(s.get('candidates', []))} candidate plans judged on "
            "held-out calibration windows" if s.get("allocation") == AUTO else ""),
         f"- removal signal: `{removal}`; protection signal: `{s.get('protection')}`",
         f"- budget: {s.get('budget')}" if s.get("budget") is not None else f"- tolerance α: {s.get('tolerance')}",
@@ -189,16 +189,6 @@ def _kl_columns(row: dict) -> str:
             + (f" {row['windows']:5d}" if "windows" in row else ""))
 
 
-def _candidate_count(rows: list[dict]) -> str:
-    """"12 candidate plans", or "12 candidate plans (5 of them also with their layer-scale)"."""
-    bare = sum(row.get("compensation", "none") == "none" for row in rows)
-    extra: dict[str, int] = {}
-    for row in rows:
-        if row.get("compensation", "none") != "none":
-            extra[row["compensation"]] = extra.get(row["compensation"], 0) + 1
-    return f"{bare} candidate plans" + "".join(f" ({n} of them also with their {kind})" for kind, n in extra.items())
-
-
 def candidate_table(settings: dict) -> list[str]:
     """The lines that show auto's candidates: the judged ones by mean KL, then those dropped at screening, whose
     numbers cover only the screening windows (so their mean KL is not comparable with the judged ones')."""
@@ -211,24 +201,16 @@ def candidate_table(settings: dict) -> list[str]:
     lines = [f"candidate plans (KL from the dense model on {selection.get('windows')} held-out windows{looks}, "
              f"{selection.get('tokens')} tokens; gain = the default's KL minus the candidate's, paired over the "
              "windows both were judged on):",
-             f"  {'allocation':10s} {'removal':12s} {'judged with':12s} {'mean KL ± se':<19s}{'median KL':>8s}  "
-             f"{'gain ± se':<19s}lower / higher  windows"]
-    lines += [_candidate_line(c) for c in judged]
+             f"  {'allocation':10s} {'removal':12s} {'mean KL ± se':<19s}{'median KL':>8s}  {'gain ± se':<19s}"
+             "lower / higher  windows"]
+    lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in judged]
     if dropped:
         lines.append(f"  dropped at screening ({screening.split(';')[0]}; numbers over those windows only):")
-        lines += [_candidate_line(c) for c in dropped]
+        lines += [f"  {c['allocation']:10s} {c['removal']:12s} " + _kl_columns(c) for c in dropped]
     chosen = settings["selected"]
     lines += [f"rule: {selection.get('rule')}"] + ([f"looks: {selection['looks']}"] if "looks" in selection else [])
-    lines += [f"plans judged with a compensation: {selection['judged_per_plan']}"] if "judged_per_plan" in selection \
-        else []
-    judged_with = chosen.get("judged_with", "none")
-    note = f" (judged with its {judged_with}; its compensation is decided next)" if judged_with != "none" else ""
-    lines += [f"auto chose {chosen['allocation']} + {chosen['removal']}{note}"]
+    lines += [f"auto chose {chosen['allocation']} + {chosen['removal']}"]
     return lines
-
-
-def _candidate_line(row: dict) -> str:
-    return f"  {row['allocation']:10s} {row['removal']:12s} {row.get('compensation', 'none'):12s} " + _kl_columns(row)
 
 
 class Console:

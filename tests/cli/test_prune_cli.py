@@ -223,12 +223,8 @@ def test_default_command_selects_and_compensates(tiny_checkpoint, calib_files, t
     assert run_cli("--model", tiny_checkpoint, "--out", out, "--budget", "0.5", *calib, *FAST) == 0
     plan = PrunePlan.load(out)
     assert plan.settings["allocation"] == "auto" and plan.removed_total == 18
-    rows = plan.settings["candidates"]
-    bare = [c for c in rows if c["compensation"] == "none"]
-    passed = {(c["allocation"], c["removal"]) for c in bare if not c["screened_out"]}
-    assert len(bare) == 12 and len(rows) == 12 + len(passed)  # every plan passing screening, also with its scale
-    assert {(c["allocation"], c["removal"]) for c in rows if c["compensation"] == "layer-scale"} == passed
-    assert all("kl_mean" in c and "gain_se" in c for c in rows)
+    assert len(plan.settings["candidates"]) == 12
+    assert all("kl_mean" in c and "gain_se" in c for c in plan.settings["candidates"])
     decision = plan.settings["compensation_decision"]
     assert [c["compensation"] for c in decision["candidates"]] == ["none", "layer-scale", "router-kd"]
     chosen = plan.settings["selected"]["compensation"]

@@ -9,7 +9,6 @@ from conftest import CharTokenizer, build_model, tiny_qwen2_moe_config
 from fair_moe import Budget, compute_scores, prune_model
 from fair_moe.calibration.text import CalibrationSource, make_calibration_split
 from fair_moe.core.errors import FairMoeError
-from fair_moe.strategies.compensations import FitData
 from fair_moe.strategies.planning import make_plan
 from fair_moe.strategies.selection import select_plan
 from fair_moe.units import UNIT_KINDS
@@ -426,130 +425,17 @@ def test_the_compensation_decision_reuses_the_chosen_plans_kl(model_and_scores, 
         assert none["kl_mean"] == row["kl_mean"]
 
 
-def test_the_kl_memo_never_answers_for_a_part_or_record_that_is_gone():
-    """Parts made and dropped in turn (screening's pieces, then a second look made later) and compensation records
-    fitted in turn must each get their own KLs: the memo is keyed by ids, which Python gives to a new object once
-    the old one is freed unless the memo keeps the old one alive."""
-    from fair_moe.core.plan import CompensationRecord
+def test_the_plain_kl_memo_never_answers_for_a_part_that_is_gone():
+    """Parts made and dropped in turn (screening's pieces, then a second look made later) must each get their own
+    KLs: the memo is keyed by the part's id, which Python gives to a new object once the old one is freed unless
+    the memo keeps the old one alive."""
     from fair_moe.metrics import DenseReference
     from fair_moe.strategies.selection import Looks
 
     looks = Looks.__new__(Looks)
-    looks._kl = {}
+    looks._plain = {}
     kept = {0: [1, 2]}
     for n in range(60):
         part = DenseReference(None, torch.zeros(1, 3, dtype=torch.long), 4)
-        assert looks.kl(part, kept, None, lambda n=n: torch.tensor([float(n)])).item() == n
+        assert looks.plain_kl(part, kept, lambda n=n: torch.tensor([float(n)])).item() == n
         del part
-    part = DenseReference(None, torch.zeros(1, 3, dtype=torch.long), 4)
-    for n in range(60):
-        record = CompensationRecord("layer-scale", {0: float(n)})
-        assert looks.kl(part, kept, record, lambda n=n: torch.tensor([float(n)])).item() == n
-        del record
-    assert looks.kl(part, kept, None, lambda: torch.tensor([-1.0])).item() == -1.0  # bare ≠ any record
-
-
-def test_compensate_auto_judges_every_screened_plan_with_its_own_layer_scale(model_and_scores):
-    """Under --compensate auto each plan that passed screening is a candidate twice: bare and with its layer scale
-    (fitted for it); the compensated row's KL is that of the masked model with that plan's fitted scale, and the
-    chosen plan's fitted scale is handed on. Under --compensate none the plans are judged bare only."""
-    from fair_moe.metrics import DenseReference
-    from fair_moe.strategies import COMPENSATIONS
-    from fair_moe.strategies.selection import COMPENSATION_FIT_WINDOWS, reference
-
-    model, scores = model_and_scores
-    fit_windows = scores.calibration_subset(COMPENSATION_FIT_WINDOWS)
-    bare = select_plan(model, EXPERTS, scores, Budget(0.5), progress=False)
-    assert {c["compensation"] for c in bare.plan.settings["candidates"]} == {"none"} and not bare.fitted
-    assert len(bare.plan.settings["candidates"]) == 12
-    selection = select_plan(model, EXPERTS, scores, Budget(0.5), "auto", progress=False)
-    rows = selection.plan.settings["candidates"]
-    plain = [c for c in rows if c["compensation"] == "none"]
-    scaled = [c for c in rows if c["compensation"] == "layer-scale"]
-    assert len(plain) == 12 and len(rows) == len(plain) + len(scaled)
-    passed = {(c["allocation"], c["removal"]) for c in plain if not c["screened_out"]}
-    assert {(c["allocation"], c["removal"]) for c in scaled} == passed and len(scaled) == len(passed)
-    assert "layer-scale" in selection.plan.settings["selection"]["judged_per_plan"]
-    row = next(c for c in scaled if not c["screened_out"])
-    plan = make_plan(scores, Budget(0.5), row["allocation"], row["removal"])
-    record = COMPENSATIONS.get("layer-scale").fit(model, plan.kept, FitData(fit_windows, 4))
-    judge = DenseReference(model, scores.selection_ids[:row["windows"]])
-    with reference(model, EXPERTS, plan.kept, record):
-        assert judge.window_kl(model).mean().item() == pytest.approx(row["kl_mean"], rel=1e-9)
-    assert selection.plan.settings["selected"]["judged_with"] in ("none", "layer-scale")
-    assert set(selection.fitted) == {"layer-scale"}
-    assert selection.fitted["layer-scale"].per_layer == COMPENSATIONS.get("layer-scale").fit(
-        model, selection.plan.kept, FitData(fit_windows, 4)).per_layer
-
-
-def test_no_plan_is_judged_with_a_compensation_the_output_cannot_hold(model_and_scores):
-    """An output format that holds router changes only (MXFP4 experts): no plan is judged with a layer scale."""
-    model, scores = model_and_scores
-    selection = select_plan(model, EXPERTS, scores, Budget(0.5), "auto", progress=False,
-                            writable=frozenset({"router"}))
-    assert {c["compensation"] for c in selection.plan.settings["candidates"]} == {"none"} and not selection.fitted
-
-
-class _Part:
-    """A stand-in for a look (or piece of one) of ``n`` windows."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def split(self, k):
-        return _Part(k), _Part(self.n - k)
-
-
-def test_a_plan_best_only_once_compensated_is_chosen_and_its_scale_not_fitted_again(model_and_scores, monkeypatch):
-    """Made-up window KLs: bare, a rival plan is no better than the default (same mean, noisy); with its layer scale
-    it is clearly the lowest of all. Judging plans bare keeps the default; judging them as they would be written
-    takes the rival, and the compensation decision reuses the scale fitted for it instead of fitting again."""
-    from fair_moe.strategies import selection
-    from fair_moe.strategies.compensations.layer_scale import LayerScale
-
-    model, scores = model_and_scores
-    default_kept = make_plan(scores, Budget(0.5), "uniform", "ean").kept
-    rival_kept = make_plan(scores, Budget(0.5), "global", "frequency").kept
-    assert rival_kept != default_kept
-    noise = torch.tensor(NOISE, dtype=torch.float64)
-
-    def fake_kl(part, model, unit, kept, record):
-        if kept == default_kept:
-            return torch.full((len(part),), 0.30 if record is None else 0.29, dtype=torch.float64)
-        if kept == rival_kept:
-            return (0.30 if record is None else 0.20) + noise[:len(part)]
-        return torch.full((len(part),), 0.40, dtype=torch.float64)
-
-    class FakeLooks:
-        first = _Part(16)
-        kl = selection.Looks.kl
-
-        def __init__(self):
-            self._kl = {}
-
-        def second(self):
-            return _Part(16)
-
-        def describe(self):
-            return {}
-
-    fits = []
-    real_fit = LayerScale.fit
-    monkeypatch.setattr(LayerScale, "fit", lambda self, m, kept, data: fits.append(kept) or real_fit(self, m, kept,
-                                                                                                        data))
-    monkeypatch.setattr(selection, "window_kl", fake_kl)
-    monkeypatch.setattr(selection.Looks, "of", classmethod(lambda cls, *a, **k: FakeLooks()))
-    bare = select_plan(model, EXPERTS, scores, Budget(0.5), "none", progress=False)
-    assert (bare.plan.settings["selected"]["allocation"], bare.plan.settings["selected"]["removal"]) == (
-        "uniform", "ean")
-    chosen = select_plan(model, EXPERTS, scores, Budget(0.5), "auto", progress=False)
-    assert chosen.plan.settings["selected"]["judged_with"] == "layer-scale"
-    assert chosen.plan.kept == rival_kept and chosen.fitted["layer-scale"] is not None  # (or a plan keeping the same)
-    fits.clear()
-    plan = selection.decide_compensation(model, EXPERTS, chosen.plan, scores, "auto", options=("steps=1",),
-                                         judge=chosen.judge, fitted=chosen.fitted)
-    assert rival_kept not in fits  # the scale fitted during selection was reused
-    assert plan.compensation is chosen.fitted["layer-scale"]

@@ -46,26 +46,3 @@ def test_each_candidate_shows_the_windows_it_was_judged_on():
     by_name = {" ".join(line.split()[:2]): line.split() for line in lines}
     assert by_name["uniform reap"][-4:] == ["25", "/", "7", "32"] and by_name["tod ean"][-1] == "16"
     assert "looks: first look on half" in lines
-
-
-def test_a_plan_judged_with_its_layer_scale_is_shown_as_such():
-    """Under --compensate auto a plan is a candidate bare and with its layer scale: the table tells them apart, and
-    the last line says what the chosen plan was judged with."""
-    rows = [_row("uniform", "ean", 0.41, 0.0, False, 0, 0),
-            {**_row("tod", "ean", 0.30, 0.11, False, 16, 0), "compensation": "layer-scale"},
-            {**_row("tod", "ean", 0.33, 0.08, False, 15, 1), "compensation": "none"}]
-    settings = {"candidates": rows, "selected": {"allocation": "tod", "removal": "ean", "judged_with": "layer-scale"},
-                "selection": {"windows": 16, "tokens": 8176, "rule": "r", "judged_per_plan": "with its layer-scale"}}
-    lines = candidate_table(settings)
-    shown = [line.split()[:3] for line in lines[2:5]]
-    assert shown == [["tod", "ean", "layer-scale"], ["tod", "ean", "none"], ["uniform", "ean", "none"]]
-    assert "plans judged with a compensation: with its layer-scale" in lines
-    assert lines[-1] == "auto chose tod + ean (judged with its layer-scale; its compensation is decided next)"
-
-
-def test_the_model_card_counts_plans_and_their_compensated_twins_apart():
-    from fair_moe.workflow.report import _candidate_count
-
-    rows = [{"compensation": "none"}] * 12 + [{"compensation": "layer-scale"}] * 5
-    assert _candidate_count(rows) == "12 candidate plans (5 of them also with their layer-scale)"
-    assert _candidate_count([{}] * 12) == "12 candidate plans"

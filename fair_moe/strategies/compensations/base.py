@@ -46,9 +46,6 @@ class Compensation:
     streamable: bool = True  # whether ``transform`` can apply it key by key while streaming
     writes: str = "router"  # what it changes, for quantized outputs: router | expert-scale | expert-weights
     auto_candidate: bool = False  # whether --compensate auto considers it
-    # whether auto's plan selection also judges every candidate plan with it (fitted per plan): only for a fit of
-    # one pass over the calibration windows, so that plans are compared as they would be written
-    judged_per_plan: bool = False
     options: dict[str, tuple[type, object, str]] = {}  # --compensate-option NAME=VALUE: (type, default, help)
 
     def fit(self, model: nn.Module, kept: dict[int, list[int]], data: FitData) -> CompensationRecord | None:

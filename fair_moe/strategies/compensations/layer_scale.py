@@ -32,7 +32,6 @@ class LayerScale(Compensation):
     changes = ("each MoE layer's kept experts' down projections (and their biases) were multiplied by that layer's "
                "scale s (fitted by least squares so the pruned routed output matches the original one)")
     auto_candidate = True
-    judged_per_plan = True  # a closed-form fit in one pass over the calibration windows
     writes = "expert-scale"
 
     def unavailable(self, model):
