@@ -16,7 +16,8 @@ Fixtures: ``demo`` (the shipped qwen2_moe, 32 experts top-4 + a shared expert), 
 shared expert), ``mixtral`` (8 experts top-2, renormalised), ``deepseek`` (32 experts top-4, sigmoid + selection
 bias, shared expert), ``qwen3`` (16 experts top-2, renormalised, no shared expert), ``qwen2moe6`` (6 layers, 30
 experts top-4, shared expert), ``olmoe16`` (5 layers, 16 experts top-4, no shared expert), ``deepseek_grouped``
-(as deepseek, with group-limited routing: 4 groups of 8, the best 2; not in the battery yet). Regimes: ``sources``
+(as deepseek, with group-limited routing: 4 groups of 8, the best 2; not in the default list: first run on
+2026-12-01 as an unseen check, benchmarks/battery/check_deepseek_grouped_*). Regimes: ``sources``
 calibrates on one file per text domain (three classes); ``mixed`` on one file holding every document of the three,
 shuffled (one class: the "a C4 sample" situation, where the wasserstein signal is not available). Every model is
 evaluated through the exact masked forward (removed experts' router logits at -inf, the compensation applied), which
@@ -86,7 +87,8 @@ BASELINE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")
 # once) and the olmoe fixture (never run before; trained after router KD's step was fixed at 4 pieces, run once)
 # only check the current rule, and so does qwen2moe6 (issue 10's new-user shape, trained and run once on 2026-11-30
 # after the last change of the rule and of router KD), and olmoe16 (trained and run once on 2026-12-01, after the
-# consensus signal was added as an opt-in signal, not an auto candidate).
+# consensus signal was added as an opt-in signal, not an auto candidate). deepseek_grouped (trained 2026-11-30, first
+# run 2026-12-01) checked a rule change that was then not adopted; it has been seen once, by that check.
 DEVELOPMENT_CELLS = {(fixture, regime) for fixture in ("demo", "mixtral", "deepseek")
                      for regime in ("sources", "mixed")}
 
