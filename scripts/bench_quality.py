@@ -1,7 +1,8 @@
 """The quality battery: held-out perplexity of every fixed method, the paper's rule, the default and router KD,
 on several fixtures × two calibration regimes × five budgets.
 
-    python scripts/train_demo_model.py --fixture olmoe   # fixtures besides the demo (30-70 min each, 1 thread)
+    python scripts/train_demo_model.py --fixture olmoe   # fixtures besides the demo (17-70 min each, at the
+                                                         # thread count each preset pins)
     python scripts/train_demo_model.py --fixture mixtral
     python scripts/train_demo_model.py --fixture deepseek
     python scripts/train_demo_model.py --fixture qwen3
