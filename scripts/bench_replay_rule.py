@@ -30,7 +30,7 @@ from bench_quality import DEVELOPMENT_CELLS  # noqa: E402
 
 from fair_moe.strategies import selection  # noqa: E402
 
-CANDIDATE_ALLOCATIONS = ("uniform", "global", "tod")
+CANDIDATE_ALLOCATIONS = ("tod", "uniform", "global")  # the CLI's order, so that equal plans tie alike
 CANDIDATE_SIGNALS = ("reap", "frequency", "ean", "wasserstein")  # auto's candidates (consensus is opt-in)
 COMPENSATIONS = ("none", "layer-scale", "router-kd")  # router KD is recorded for uniform + ean alone
 
