@@ -47,8 +47,10 @@ from demo_corpus import DOC_SEPARATOR, DOMAINS, collect  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
 # name → arguments; outputs go to bench_out/fixtures/<name>/. ``threads`` is the CPU thread count the battery's
-# instance was trained with: training is bitwise reproducible at the same count only (qwen2moe6 on 1 thread gave dense
-# held-out perplexity 58.46 where 2 threads gave 58.28), so the preset pins it; --threads overrides it.
+# instance was trained with, pinned by the preset (--threads overrides it). Only 1-thread training has been seen to
+# reproduce bitwise (deepseek_grouped, retrained 2026-12-01); on 2 threads neither another count (qwen2moe6 on 1
+# thread: dense held-out perplexity 58.46 against 58.28) nor the same count (olmoe16 retrained on 2 threads: held-out
+# python 67.45 against 64.30) gave the same model, so a 2-thread fixture is reproducible in recipe, not in weights.
 FIXTURES = {
     "olmoe": {"arch": "olmoe", "steps": 800, "corpus_seed": 0, "threads": 2},
     "mixtral": {"arch": "mixtral", "steps": 1000, "corpus_seed": 1, "threads": 2},
