@@ -18,7 +18,9 @@ shared expert), ``mixtral`` (8 experts top-2, renormalised), ``deepseek`` (32 ex
 bias, shared expert), ``qwen3`` (16 experts top-2, renormalised, no shared expert), ``qwen2moe6`` (6 layers, 30
 experts top-4, shared expert), ``olmoe16`` (5 layers, 16 experts top-4, no shared expert), ``deepseek_grouped``
 (as deepseek, with group-limited routing: 4 groups of 8, the best 2; not in the default list: first run on
-2026-12-01 as an unseen check, benchmarks/battery/check_deepseek_grouped_*). Regimes: ``sources``
+2026-12-01 as an unseen check, benchmarks/battery/check_deepseek_grouped_*), ``qwen3_24`` (5 layers, 24 experts
+top-4, renormalised, no shared expert; not in the default list: first run on 2026-12-02 as the unseen check of that
+day's rule change, benchmarks/battery/check_qwen3_24_*). Regimes: ``sources``
 calibrates on one file per text domain (three classes); ``mixed`` on one file holding every document of the three,
 shuffled (one class: the "a C4 sample" situation, where the wasserstein signal is not available). Every model is
 evaluated through the exact masked forward (removed experts' router logits at -inf, the compensation applied), which
@@ -74,7 +76,7 @@ EXPERTS = UNIT_KINDS.get("experts")
 FIXTURES = {
     "demo": (ROOT / "fair_moe" / "data" / "demo_model", ROOT / "fair_moe" / "data"),
     **{name: (ROOT / "bench_out" / "fixtures" / name / "model", ROOT / "bench_out" / "fixtures" / name)
-       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16", "deepseek_grouped")},
+       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16", "deepseek_grouped", "qwen3_24")},
 }
 ALLOCATIONS = ("uniform", "global", "tod")
 SIGNALS = ("reap", "frequency", "ean", "wasserstein", "consensus")

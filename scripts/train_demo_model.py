@@ -66,6 +66,10 @@ FIXTURES = {
     # group-limited routing (4 groups of 8, the top 2 groups), which no other fixture has: trained on 2026-11-30 to
     # stay unseen, first run on 2026-12-01 as the check of a rule change that was not adopted
     "deepseek_grouped": {"arch": "deepseek_v3", "steps": 500, "corpus_seed": 6, "groups": 4, "threads": 1},
+    # fine-grained renormalised softmax routing (24 experts, top-4, no shared expert), which no other fixture has:
+    # trained on 2026-12-02 as the unseen check of the rule change made that day (sign test needs a mean gain)
+    "qwen3_24": {"arch": "qwen3_moe", "steps": 500, "corpus_seed": 7, "layers": 5, "experts": 24, "top_k": 4,
+                 "threads": 1},
 }
 
 
@@ -80,9 +84,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int = 32, groups: int = 1):
-    """The architecture's config; ``layers`` and ``experts`` apply where the arch does not fix its own count,
-    ``groups`` (deepseek_v3) splits its experts into groups of which the router takes the best two (one: none)."""
+def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int | None = None, groups: int = 1,
+                 top_k: int | None = None):
+    """The architecture's config; ``layers``, ``experts`` and ``top_k`` (None: the arch's own) apply where the arch
+    does not fix its own count (mixtral and deepseek_v3 do), ``groups`` (deepseek_v3) splits its experts into groups
+    of which the router takes the best two (one: none)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -90,8 +96,8 @@ def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int = 32,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        num_experts=experts,
-        num_experts_per_tok=4,
+        num_experts=experts or 32,
+        num_experts_per_tok=top_k or 4,
         output_router_logits=True,
         router_aux_loss_coef=0.01,
         tie_word_embeddings=True,
@@ -122,8 +128,8 @@ def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int = 32,
                                 n_group=groups, topk_group=min(2, groups), norm_topk_prob=True,
                                 routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16,
                                 qk_nope_head_dim=16, v_head_dim=32)
-    if arch == "qwen3_moe":  # 16 mid-sized experts, top-2, renormalised, no shared expert
-        common.update(num_experts=16, num_experts_per_tok=2)
+    if arch == "qwen3_moe":  # mid-sized experts (16, top-2 unless given), renormalised, no shared expert
+        common.update(num_experts=experts or 16, num_experts_per_tok=top_k or 2)
         return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=256, moe_intermediate_size=128,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe, olmoe, mixtral, deepseek_v3 or qwen3_moe")
@@ -248,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads (a --fixture pins the count its battery instance was trained with)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--experts", type=int, default=32,
-                        help="routed experts per layer (qwen2_moe, olmoe; the other archs fix their own)")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="routed experts per layer (qwen2_moe, olmoe: 32 when not given; qwen3_moe: 16; the "
+                             "other archs fix their own)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token (qwen2_moe, olmoe: 4 when not given; qwen3_moe: 2)")
     parser.add_argument("--groups", type=int, default=1,
                         help="expert groups of a deepseek_v3 router (group-limited routing: the best 2 groups)")
     args = parser.parse_args(argv)
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = {n: token_stream(tokenizer, splits[n].heldout) for n in DOMAINS}
     print({n: len(t) for n, t in train.items()}, "train tokens;", {n: len(t) for n, t in heldout.items()}, "held-out")
 
-    config = build_config(args.arch, len(tokenizer), args.layers, args.experts, args.groups)
+    config = build_config(args.arch, len(tokenizer), args.layers, args.experts, args.groups, args.top_k)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
