@@ -63,6 +63,7 @@ from fair_moe.strategies import COMPENSATIONS  # noqa: E402
 from fair_moe.strategies.compensations import FitData  # noqa: E402
 from fair_moe.strategies.planning import make_plan  # noqa: E402
 from fair_moe.strategies.selection import (  # noqa: E402
+    CLEAR,
     decide_compensation,
     judging_windows,
     reference,
@@ -141,7 +142,7 @@ def run_default(model, scores, streams, budget: float) -> dict:
     compensations = {row["compensation"]: {k: row[k] for k in keep if k in row}
                      for row in decision.get("candidates", [])}
     return {"default_seconds": seconds, "default": evaluate(model, plan, streams), "default_method": method,
-            "default_selection": {"plans": candidates, "compensations": compensations}}
+            "default_rule": CLEAR, "default_selection": {"plans": candidates, "compensations": compensations}}
 
 
 def judge_kl(model, judge, plan) -> list[float]:
@@ -221,6 +222,7 @@ def summary(cells: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         dev = " (dev)" if (c["fixture"], c["regime"]) in DEVELOPMENT_CELLS else ""
+        dev += "" if c.get("default_rule") == CLEAR else " †"
         lines.append(
             f"| {c['fixture']}{dev} | {c['regime']} | {c['budget']} | {c['dense']:.2f} | "
             f"{c['best_baseline']:.2f} ({c['best_baseline_method']}) | {c['paper']:.2f} ({c['paper_method']}) | "
@@ -246,6 +248,9 @@ def summary(cells: list[dict]) -> str:
         f"worst default ÷ best fixed configuration (compensated ones included): "
         f"{max(c['default'] / c['best_fixed'] for c in cells):.3f}",
     ]
+    if any(c.get("default_rule") != CLEAR for c in cells):
+        lines.append("† the default was chosen by an earlier rule of auto than the current one (cells without a "
+                     "recorded `default_rule` predate 2026-12-02: sign test with a mean gain above −1 standard error)")
     return "\n".join(lines)
 
 
@@ -275,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             update = newer.get((cell["fixture"], cell["regime"], cell["budget"]))
             if update is not None:
                 cell.update({k: update[k] for k in ("default", "default_method", "default_seconds")})
+                cell.pop("default_rule", None)
+                cell.update({k: update[k] for k in ("default_rule",) if k in update})
         return write_summary([c for c in cells if "best_baseline" in c], args.out)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

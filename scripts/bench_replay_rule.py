@@ -132,19 +132,25 @@ def with_z(z: float) -> Callable[[dict], bool]:
                         or (selection.sign_z(row) > z and not selection.one_window_loss(row)))
 
 
+def previous_clear(row: dict) -> bool:
+    """The rule before 2026-12-02: the sign test excused a mean loss down to −1 standard error."""
+    return row["gain_vs_default"] > 2 * row["gain_se"] or (selection.sign_z(row) > 2
+                                                            and not selection.one_window_loss(row))
+
+
 RULES: dict[str, Callable[[dict], str]] = {
-    "current (plans judged bare)": rule(),
-    "plans also judged with their layer scale (tried, not adopted)": as_written(),
-    "z=3": rule(clear=with_z(3.0)),
-    "z=1.5": rule(clear=with_z(1.5)),
+    "current (sign test needs gain > 1 se; plans judged bare)": rule(),
+    "previous (sign test excuses gain > -1 se)": rule(clear=previous_clear),
+    "plans also judged with their layer scale (tried, not adopted)": as_written(previous_clear),
+    "previous, z=3": rule(clear=with_z(3.0)),
+    "previous, z=1.5": rule(clear=with_z(1.5)),
     "no screening": rule(screen=False),
+    "previous, no screening": rule(screen=False, clear=previous_clear),
     "mean test only": rule(clear=mean_only(2.0)),
-    "sign test needs gain > 1 se": rule(clear=lambda row: (row["gain_vs_default"] > 2 * row["gain_se"] or (
-        selection.sign_z(row) > 2 and row["gain_vs_default"] > row["gain_se"]))),
     "no screening, sign test needs gain > 0": rule(screen=False, clear=lambda row: (
         row["gain_vs_default"] > 2 * row["gain_se"] or (selection.sign_z(row) > 2 and row["gain_vs_default"] > 0))),
     "lowest mean KL (no default)": rule(clear=lambda row: True, screen=False),
-    "joint plan × {none, layer scale}": joint_rule(),
+    "joint plan × {none, layer scale}": joint_rule(previous_clear),
 }
 
 

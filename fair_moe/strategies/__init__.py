@@ -9,8 +9,8 @@ AUTO = "auto"  # the model-judged choice, accepted by --allocation and --compens
 AUTO_ALLOCATION_HELP = ("uniform + ean unless another allocation rule × removal signal beats it clearly: every "
                         "candidate is judged by the KL divergence of the masked model's next-token distribution from "
                         "the dense model's on calibration text the scores did not use, paired window by window; a "
-                        "rival replaces the default only with a mean gain above 2 standard errors, or lower on "
-                        "clearly more windows than higher (sign test)")
+                        "rival replaces the default only with a mean gain above 2 standard errors, or above 1 when "
+                        "it is lower on clearly more windows than higher (sign test)")
 AUTO_COMPENSATION_HELP = ("fit each compensation marked as an auto candidate and keep one only if it clearly beats "
                           "none on the same paired KL")
 LAYOUTS = {  # --layout: which plans are allowed

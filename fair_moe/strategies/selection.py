@@ -25,13 +25,14 @@ of the judging time without changing the decision).
 Deciding. A simple default is kept unless a rival beats it clearly: ``DEFAULT_PLAN`` (uniform allocation with the
 ean signal — the plainest baseline) stays unless rivals improve on it window by window: either their paired mean
 gain exceeds ``Z`` standard errors of the paired difference, or they are lower on clearly more windows than higher
-(a sign test, z > ``Z``) while their mean gain is above −1 standard error. The second test is there because window
-KLs are heavy-tailed: one low-entropy window (a table, repeated boilerplate) can hold most of a candidate's mean, so
-a rival lower on 15 of 16 windows can fail the mean test. One such window puts the mean gain at −1 standard error at
-worst (``one_window_loss``); a rival further below loses on several windows, which the sign test must not excuse (a
-first version allowed down to −2: on the demo at 0.5 it took a plan lower on 22 of 32 windows whose mean KL was 64 %
-above the default's, and held-out perplexity followed the mean). Of the clear rivals the one with the lowest mean KL
-is taken (the expected divergence is what held-out perplexity follows; picking by the median was tried and chose
+(a sign test, z > ``Z``) while their mean gain is above ``SIGN_TEST_GAIN`` (one) standard error. The sign test lowers
+the bar on the mean from two standard errors to one where a rival is lower on most windows; it does not replace the
+mean. A first version let it excuse a mean loss of up to one standard error (what one heavy window can cost, since
+window KLs are heavy-tailed: ``one_window_loss``), and before that of two; both took rivals whose mean was no better
+than the default's and lost on held-out text, which follows the mean (on the demo at 0.5 a plan lower on 22 of 32
+windows with a mean KL 64 % above the default's; on olmoe16 at 0.125 a plan lower on 30 of 32 windows with a gain
+of +0.0001 ± 0.0038, over rivals whose mean KL was half the default's). Of the clear rivals the one with the lowest
+mean KL is taken (the expected divergence is what held-out perplexity follows; picking by the median was tried and chose
 plans that are good on typical windows and bad on the rest). Taking the lowest of many noisy means favours the
 luckiest candidate (the winner's curse); a clear paired margin is what survives it. Every candidate's mean, median,
 standard error, paired gain, wins and losses, and the rule, are recorded in the plan. Compensations are decided the
@@ -61,10 +62,10 @@ from fair_moe.units.base import UnitKind
 torch = lazy_module("torch")
 DEFAULT_PLAN = ("uniform", "ean")  # kept unless a rival is clearly better (module docstring)
 Z = 2.0  # standard errors a rival's paired gain must exceed
+SIGN_TEST_GAIN = 1.0  # standard errors a rival's paired gain must exceed when the sign test calls it clear
 CRITERION = "KL(dense || pruned) of next-token distributions (top-32 tokens + rest), mean per window"
 CLEAR = (f"paired per window, a mean gain above {Z:g} standard errors, or lower on clearly more windows than "
-         f"higher (sign test z > {Z:g}) with a mean gain above -1 standard error (no more loss than one window "
-         "can make)")
+         f"higher (sign test z > {Z:g}) with a mean gain above {SIGN_TEST_GAIN:g} standard error")
 RULE = (f"keep {DEFAULT_PLAN[0]}+{DEFAULT_PLAN[1]} unless candidates beat it clearly ({CLEAR}); then the one of "
         "those with the lowest mean KL")
 COMPENSATION_RULE = (f"keep no compensation unless auto candidates beat none clearly ({CLEAR}); then the one of "
@@ -166,11 +167,11 @@ def sign_z(row: dict) -> float:
 
 def clearly_better(row: dict) -> bool:
     """A rival clearly beats the default: its paired mean gain exceeds ``Z`` standard errors, or it is lower on
-    clearly more windows than it is higher (sign test z > ``Z``) with a mean loss no larger than one window can
-    explain (``one_window_loss``). Window KLs are heavy-tailed (a single low-entropy window, a table or repeated
-    boilerplate, can hold most of a candidate's mean), which a mean test alone cannot see past."""
+    clearly more windows than it is higher (sign test z > ``Z``) and its mean gain exceeds ``SIGN_TEST_GAIN``
+    standard errors. Window KLs are heavy-tailed, so a rival lower on almost every window can have a noisy mean;
+    the sign test lets such a rival through on half the mean margin, never on none (module docstring)."""
     gain, se = row["gain_vs_default"], row["gain_se"]
-    return gain > Z * se or (sign_z(row) > Z and not one_window_loss(row))
+    return gain > Z * se or (sign_z(row) > Z and gain > SIGN_TEST_GAIN * se)
 
 
 def one_window_loss(row: dict) -> bool:
