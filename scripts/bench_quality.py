@@ -279,9 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             update = newer.get((cell["fixture"], cell["regime"], cell["budget"]))
             if update is not None:
-                cell.update({k: update[k] for k in ("default", "default_method", "default_seconds")})
-                cell.pop("default_rule", None)
-                cell.update({k: update[k] for k in ("default_rule",) if k in update})
+                cell.update({k: update.get(k) for k in ("default", "default_method", "default_seconds",
+                                                        "default_rule")})
         return write_summary([c for c in cells if "best_baseline" in c], args.out)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,10 +132,7 @@ def with_z(z: float) -> Callable[[dict], bool]:
                         or (selection.sign_z(row) > z and not selection.one_window_loss(row)))
 
 
-def previous_clear(row: dict) -> bool:
-    """The rule before 2026-12-02: the sign test excused a mean loss down to −1 standard error."""
-    return row["gain_vs_default"] > 2 * row["gain_se"] or (selection.sign_z(row) > 2
-                                                            and not selection.one_window_loss(row))
+previous_clear = with_z(2.0)  # the rule before 2026-12-02: the sign test excused a mean loss down to -1 se
 
 
 RULES: dict[str, Callable[[dict], str]] = {
