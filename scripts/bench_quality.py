@@ -216,6 +216,21 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, onl
     return result
 
 
+def ratio_line(label: str, cells: list[dict]) -> str:
+    """Worst and mean default ÷ best baseline over ``cells``, and the mean at budget 0.5 (those of them not used for
+    development in brackets)."""
+    ratios = [c["default"] / c["best_baseline"] for c in cells]
+    line = f"{label}: {len(cells)} cells, worst {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f}"
+    half = [c["default"] / c["best_baseline"] for c in cells if c["budget"] == 0.5]
+    if half:
+        line += f", at 0.5 mean {sum(half) / len(half):.3f}"
+    unseen = [c["default"] / c["best_baseline"] for c in cells if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+    if unseen:
+        line += f" (not used for development: {len(unseen)} cells, worst {max(unseen):.3f}, mean " \
+                f"{sum(unseen) / len(unseen):.3f})"
+    return line
+
+
 def summary(cells: list[dict]) -> str:
     lines = ["| fixture | regime | budget | dense | best baseline | paper | default | router-kd (uniform+ean) | "
              "default ÷ best baseline | best fixed (incl. compensated) | default ÷ best fixed |",
@@ -248,6 +263,9 @@ def summary(cells: list[dict]) -> str:
         f"worst default ÷ best fixed configuration (compensated ones included): "
         f"{max(c['default'] / c['best_fixed'] for c in cells):.3f}",
     ]
+    current = [c for c in cells if c.get("default_rule") == CLEAR]
+    if current and len(current) < len(cells):
+        lines.append(ratio_line("on the cells whose default is the current rule's (no †)", current))
     if any(c.get("default_rule") != CLEAR for c in cells):
         lines.append("† the default was chosen by an earlier rule of auto than the current one (cells without a "
                      "recorded `default_rule` predate 2026-12-02: sign test with a mean gain above −1 standard error)")
