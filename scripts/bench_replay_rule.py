@@ -10,17 +10,20 @@ rule variant is then measured over every recorded cell in seconds instead of hou
 development cells (``bench_quality.DEVELOPMENT_CELLS``) and read the check cells only to confirm it.
 
 Limits (said in the output too): the compensation decision is replayed over none, the layer scale and router KD
-only where router KD was recorded (uniform + ean alone: it is fitted for that plan only); and the battery fits the
-layer scale on 64 calibration windows where the CLI fits on 32. Each rule's plan is compared with what the default's
-own run chose: for the rule the recorded run used, a check of the replay.
+only where router KD was recorded — for the plan the default's own run chose (decided on that run's compensation
+rows, and priced at the run's own perplexity where the rule makes the run's choice) and for uniform + ean (the
+battery's fit); another plan is priced without router KD, which favours the rule the cell was run under. The
+battery fits the layer scale on 64 calibration windows where the CLI fits on 32. Each rule's plan is compared with
+what the default's own run chose: for the rule the recorded run used, a check of the replay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +52,17 @@ class RecordedLooks:
         return "second" if self.has_second else None
 
 
+@contextlib.contextmanager
+def deciding_by(clear: Callable[[dict], bool]) -> Iterator[None]:
+    """``selection``'s judging code with ``clear`` in place of ``selection.clearly_better``."""
+    original = selection.clearly_better
+    selection.clearly_better = clear
+    try:
+        yield
+    finally:
+        selection.clearly_better = original
+
+
 def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], bool], screen: bool) -> str:
     """The name a rule chooses among ``names`` (``default`` kept unless a rival is ``clear``), judged by the CLI's
     own code (``selection.judge_in_looks``, with ``clear`` in place of ``selection.clearly_better``): screening on
@@ -61,14 +75,10 @@ def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], b
         racing = [n for n in names if n == default
                   or not selection.clearly_worse(full[n][:quarter], full[default][:quarter])]
     first = {i: full[n][:first_look] for i, n in enumerate(racing)}
-    original = selection.clearly_better
-    selection.clearly_better = clear
-    try:
+    with deciding_by(clear):
         _, _, chosen, _ = selection.judge_in_looks(lambda part, i: full[racing[i]][first_look:], first,
                                                    racing.index(default),
                                                    RecordedLooks(len(full[default]) > first_look))
-    finally:
-        selection.clearly_better = original
     return racing[chosen]
 
 
@@ -76,6 +86,33 @@ def compensated(cell: dict, plan: str) -> list[str]:
     """The compensation decision's candidates for ``plan``: none, the layer scale, and router KD where the cell
     recorded it for that plan (uniform + ean)."""
     return [plan] + [f"{plan}+{c}" for c in COMPENSATIONS[1:] if f"{plan}+{c}" in cell["judge"]["kl"]]
+
+
+def run_plan(cell: dict) -> str:
+    """The plan (allocation + signal) the default's own run chose."""
+    return "+".join(cell["default_method"].split("+")[:2])
+
+
+def compensation_for(cell: dict, plan: str, clear: Callable[[dict], bool]) -> str:
+    """The compensation decision for ``plan``. Where it is the plan the default's own run chose, the rule decides on
+    that run's recorded compensation rows (none, the layer scale and router KD, each fitted by the CLI for this
+    plan), so router KD is priced for any plan the run chose; elsewhere on the recorded window KLs (``compensated``).
+    """
+    rows = cell.get("default_selection", {}).get("compensations")
+    if plan == run_plan(cell) and rows and "none" in rows:
+        names = ["none"] + [n for n in rows if n != "none"]
+        with deciding_by(clear):
+            pick = names[selection.clear_winner([rows[n] for n in names], 0)]
+        name = plan if pick == "none" else f"{plan}+{pick}"
+        if name == cell["default_method"] or name in cell:
+            return name
+    return judged(cell, compensated(cell, plan), plan, clear, screen=False)
+
+
+def perplexity(cell: dict, name: str) -> float:
+    """Held-out perplexity of a configuration: the default run's own where it is that run's choice (its compensation
+    fitted as the CLI fits it), else the battery's recorded one."""
+    return cell["default"] if name == cell["default_method"] else cell[name]
 
 
 def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
@@ -86,7 +123,7 @@ def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = sele
         plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
                  if f"{a}+{s}" in cell["judge"]["kl"]]
         chosen = judged(cell, plans, default_plan if default_plan in plans else plans[0], clear, screen)
-        return judged(cell, compensated(cell, chosen), chosen, clear, screen=False)
+        return compensation_for(cell, chosen, clear)
 
     return decide
 
@@ -118,7 +155,7 @@ def as_written(clear: Callable[[dict], bool] = selection.clearly_better) -> Call
                   or not selection.clearly_worse(windows(cell, p)[:quarter], default)]
         names = plans + [f"{p}+layer-scale" for p in passed]
         plan = judged(cell, names, "uniform+ean", clear, screen=True).removesuffix("+layer-scale")
-        return judged(cell, compensated(cell, plan), plan, clear, screen=False)
+        return compensation_for(cell, plan, clear)
 
     return decide
 
@@ -173,7 +210,7 @@ def report(cells: list[dict]) -> str:
         ratios, half, check, same = [], [], [], 0
         for cell in cells:
             chosen = decide(cell)
-            ratio = cell[chosen] / cell["best_baseline"]
+            ratio = perplexity(cell, chosen) / cell["best_baseline"]
             ratios.append(ratio)
             half += [ratio] if cell["budget"] == 0.5 else []
             check += [ratio] if (cell["fixture"], cell["regime"]) not in DEVELOPMENT_CELLS else []
@@ -181,13 +218,15 @@ def report(cells: list[dict]) -> str:
         lines.append(f"| {name} | {len(cells)} | {max(ratios):.3f} | {sum(ratios) / len(ratios):.3f} | "
                      + (f"{sum(half) / len(half):.3f}" if half else "–") + " | "
                      + (f"{max(check):.3f}" if check else "–") + f" | {same} of {len(cells)} |")
-    lines += ["", "Compensation over none / layer scale, and router KD only where it was recorded (uniform + ean); "
-              "'chosen = default's plan' counts the cells where the replayed plan is the one the default's own run "
-              "chose (for the rule that run used, a check of the replay)."]
+    lines += ["", "Compensation over none / layer scale, and router KD where it was recorded: for the plan the "
+              "default's own run chose (its compensation rows, and its perplexity where the rule makes its choice) "
+              "and for uniform + ean; 'chosen = default's plan' counts the cells where the replayed plan is the one "
+              "the default's own run chose (for the rule that run used, a check of the replay)."]
     per_cell = ["", "| fixture | regime | budget | judge ↔ held-out rank correlation | best baseline | "
                 "default (its run) | " + " | ".join(RULES) + " |", "|---|---|---|---|---|---|" + "---|" * len(RULES)]
     for cell in cells:
-        picks = [f"{decide(cell)} {cell[decide(cell)] / cell['best_baseline']:.3f}" for decide in RULES.values()]
+        picks = [f"{name} {perplexity(cell, name) / cell['best_baseline']:.3f}"
+                 for name in (decide(cell) for decide in RULES.values())]
         per_cell.append(f"| {cell['fixture']} | {cell['regime']} | {cell['budget']} | {rank_agreement(cell):.2f} | "
                         f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) | {cell['default_method']} "
                         f"{cell['default'] / cell['best_baseline']:.3f} | " + " | ".join(picks) + " |")
