@@ -77,7 +77,8 @@ EXPERTS = UNIT_KINDS.get("experts")
 FIXTURES = {
     "demo": (ROOT / "fair_moe" / "data" / "demo_model", ROOT / "fair_moe" / "data"),
     **{name: (ROOT / "bench_out" / "fixtures" / name / "model", ROOT / "bench_out" / "fixtures" / name)
-       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16", "deepseek_grouped", "qwen3_24")},
+       for name in ("olmoe", "mixtral", "deepseek", "qwen3", "qwen2moe6", "olmoe16", "deepseek_grouped", "qwen3_24",
+                     "olmoe64")},
 }
 ALLOCATIONS = ("uniform", "global", "tod")
 SIGNALS = ("reap", "frequency", "ean", "wasserstein", "consensus")

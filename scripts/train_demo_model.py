@@ -70,6 +70,11 @@ FIXTURES = {
     # trained on 2026-12-02 as the unseen check of the rule change made that day (sign test needs a mean gain)
     "qwen3_24": {"arch": "qwen3_moe", "steps": 500, "corpus_seed": 7, "layers": 5, "experts": 24, "top_k": 4,
                  "threads": 1},
+    # fine-grained routing (64 small experts, top-8, softmax without renormalisation, no shared expert), the shape of
+    # OLMoE-1B-7B and of most large MoEs, which no other fixture has: trained later on 2026-12-02 and run once with the
+    # shipped rule, as a check nobody tuned on
+    "olmoe64": {"arch": "olmoe", "steps": 500, "corpus_seed": 8, "experts": 64, "top_k": 8, "expert_size": 48,
+                "threads": 1},
 }
 
 
@@ -85,10 +90,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int | None = None, groups: int = 1,
-                 top_k: int | None = None):
+                 top_k: int | None = None, expert_size: int | None = None):
     """The architecture's config; ``layers``, ``experts`` and ``top_k`` (None: the arch's own) apply where the arch
-    does not fix its own count (mixtral and deepseek_v3 do), ``groups`` (deepseek_v3) splits its experts into groups
-    of which the router takes the best two (one: none)."""
+    does not fix its own count (mixtral and deepseek_v3 do), ``expert_size`` (None: the arch's own) is a routed
+    expert's intermediate size for qwen2_moe, olmoe and qwen3_moe, ``groups`` (deepseek_v3) splits its experts into
+    groups of which the router takes the best two (one: none)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -109,12 +115,12 @@ def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int | Non
         return Qwen2MoeConfig(
             **common,
             intermediate_size=256,
-            moe_intermediate_size=96,
+            moe_intermediate_size=expert_size or 96,
             shared_expert_intermediate_size=192,
             norm_topk_prob=False,
         )
     if arch == "olmoe":
-        return OlmoeConfig(**common, intermediate_size=96, norm_topk_prob=False)
+        return OlmoeConfig(**common, intermediate_size=expert_size or 96, norm_topk_prob=False)
     if arch == "mixtral":  # few large experts, top-2, always renormalised
         common.update(num_experts_per_tok=2)
         common.pop("num_experts")
@@ -130,7 +136,7 @@ def build_config(arch: str, vocab_size: int, layers: int = 4, experts: int | Non
                                 qk_nope_head_dim=16, v_head_dim=32)
     if arch == "qwen3_moe":  # mid-sized experts (16, top-2 unless given), renormalised, no shared expert
         common.update(num_experts=experts or 16, num_experts_per_tok=top_k or 2)
-        return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=256, moe_intermediate_size=128,
+        return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=256, moe_intermediate_size=expert_size or 128,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     raise ValueError(f"unknown --arch {arch!r}; use qwen2_moe, olmoe, mixtral, deepseek_v3 or qwen3_moe")
 
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                              "other archs fix their own)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="experts per token (qwen2_moe, olmoe: 4 when not given; qwen3_moe: 2)")
+    parser.add_argument("--expert-size", type=int, default=None,
+                        help="a routed expert's intermediate size (qwen2_moe, olmoe: 96 if not given; qwen3_moe: 128)")
     parser.add_argument("--groups", type=int, default=1,
                         help="expert groups of a deepseek_v3 router (group-limited routing: the best 2 groups)")
     args = parser.parse_args(argv)
@@ -282,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     heldout = {n: token_stream(tokenizer, splits[n].heldout) for n in DOMAINS}
     print({n: len(t) for n, t in train.items()}, "train tokens;", {n: len(t) for n, t in heldout.items()}, "held-out")
 
-    config = build_config(args.arch, len(tokenizer), args.layers, args.experts, args.groups, args.top_k)
+    config = build_config(args.arch, len(tokenizer), args.layers, args.experts, args.groups, args.top_k,
+                          args.expert_size)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
