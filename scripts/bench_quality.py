@@ -20,7 +20,9 @@ experts top-4, shared expert), ``olmoe16`` (5 layers, 16 experts top-4, no share
 (as deepseek, with group-limited routing: 4 groups of 8, the best 2; not in the default list: first run on
 2026-12-01 as an unseen check, benchmarks/battery/check_deepseek_grouped_*), ``qwen3_24`` (5 layers, 24 experts
 top-4, renormalised, no shared expert; not in the default list: first run on 2026-12-02 as the unseen check of that
-day's rule change, benchmarks/battery/check_qwen3_24_*). Regimes: ``sources``
+day's rule change, benchmarks/battery/check_qwen3_24_*), ``olmoe64`` (4 layers, 64 experts of width 48, top-8,
+softmax without renormalisation, no shared expert: fine-grained routing; not in the default list: first run later on
+2026-12-02 with the shipped rule as a check, benchmarks/battery/check_olmoe64_*). Regimes: ``sources``
 calibrates on one file per text domain (three classes); ``mixed`` on one file holding every document of the three,
 shuffled (one class: the "a C4 sample" situation, where the wasserstein signal is not available). Every model is
 evaluated through the exact masked forward (removed experts' router logits at -inf, the compensation applied), which
