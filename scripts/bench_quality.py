@@ -219,15 +219,20 @@ def run_cell(model, tokenizer, scores, streams, budget: float, dense: float, onl
     return result
 
 
+def default_ratio(cell: dict) -> float:
+    """The cell's default ÷ its best baseline (held-out perplexities)."""
+    return cell["default"] / cell["best_baseline"]
+
+
 def ratio_line(label: str, cells: list[dict]) -> str:
     """Worst and mean default ÷ best baseline over ``cells``, and the mean at budget 0.5 (those of them not used for
     development in brackets)."""
-    ratios = [c["default"] / c["best_baseline"] for c in cells]
+    ratios = [default_ratio(c) for c in cells]
     line = f"{label}: {len(cells)} cells, worst {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f}"
-    half = [c["default"] / c["best_baseline"] for c in cells if c["budget"] == 0.5]
+    half = [default_ratio(c) for c in cells if c["budget"] == 0.5]
     if half:
         line += f", at 0.5 mean {sum(half) / len(half):.3f}"
-    unseen = [c["default"] / c["best_baseline"] for c in cells if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+    unseen = [default_ratio(c) for c in cells if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
     if unseen:
         line += f" (not used for development: {len(unseen)} cells, worst {max(unseen):.3f}, mean " \
                 f"{sum(unseen) / len(unseen):.3f})"
@@ -245,13 +250,13 @@ def summary(cells: list[dict]) -> str:
             f"| {c['fixture']}{dev} | {c['regime']} | {c['budget']} | {c['dense']:.2f} | "
             f"{c['best_baseline']:.2f} ({c['best_baseline_method']}) | {c['paper']:.2f} ({c['paper_method']}) | "
             f"**{c['default']:.2f}** ({c['default_method']}) | {c['uniform+ean+router-kd']:.2f} | "
-            f"{c['default'] / c['best_baseline']:.3f} | {c['best_fixed']:.2f} ({c['best_fixed_method']}) | "
+            f"{default_ratio(c):.3f} | {c['best_fixed']:.2f} ({c['best_fixed_method']}) | "
             f"{c['default'] / c['best_fixed']:.3f} |")
-    ratios = [c["default"] / c["best_baseline"] for c in cells]
-    held_out = [c["default"] / c["best_baseline"] for c in cells
+    ratios = [default_ratio(c) for c in cells]
+    held_out = [default_ratio(c) for c in cells
                 if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
-    at_half = [c["default"] / c["best_baseline"] for c in cells if c["budget"] == 0.5]
-    held_out_half = [c["default"] / c["best_baseline"] for c in cells
+    at_half = [default_ratio(c) for c in cells if c["budget"] == 0.5]
+    held_out_half = [default_ratio(c) for c in cells
                      if c["budget"] == 0.5 and (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
     lines += [
         "",

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import DEVELOPMENT_CELLS  # noqa: E402
+from bench_quality import DEVELOPMENT_CELLS, default_ratio  # noqa: E402
 
 from fair_moe.strategies import selection  # noqa: E402
 
@@ -88,9 +88,14 @@ def compensated(cell: dict, plan: str) -> list[str]:
     return [plan] + [f"{plan}+{c}" for c in COMPENSATIONS[1:] if f"{plan}+{c}" in cell["judge"]["kl"]]
 
 
+def plan_of(name: str) -> str:
+    """The plan (allocation + signal) of a configuration's name, without its compensation."""
+    return "+".join(name.split("+")[:2])
+
+
 def run_plan(cell: dict) -> str:
-    """The plan (allocation + signal) the default's own run chose."""
-    return "+".join(cell["default_method"].split("+")[:2])
+    """The plan the default's own run chose."""
+    return plan_of(cell["default_method"])
 
 
 def compensation_for(cell: dict, plan: str, clear: Callable[[dict], bool]) -> str:
@@ -117,7 +122,7 @@ def perplexity(cell: dict, name: str) -> float:
 
 def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
          screen: bool = True) -> Callable[[dict], str]:
-    """A decision rule: the plan, then its compensation (none or the layer scale), each by ``clear``."""
+    """A decision rule: the plan, then its compensation (``compensation_for``), each by ``clear``."""
 
     def decide(cell: dict) -> str:
         plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
@@ -206,15 +211,15 @@ def rank_agreement(cell: dict) -> float:
 def report(cells: list[dict]) -> str:
     lines = ["| rule | cells | worst ÷ best baseline | mean | mean at 0.5 | worst on check cells | chosen = default's "
              "plan |", "|---|---|---|---|---|---|---|"]
-    for name, decide in RULES.items():
+    choices = {name: [decide(cell) for cell in cells] for name, decide in RULES.items()}  # each rule decides once
+    for name in RULES:
         ratios, half, check, same = [], [], [], 0
-        for cell in cells:
-            chosen = decide(cell)
+        for cell, chosen in zip(cells, choices[name], strict=True):
             ratio = perplexity(cell, chosen) / cell["best_baseline"]
             ratios.append(ratio)
             half += [ratio] if cell["budget"] == 0.5 else []
             check += [ratio] if (cell["fixture"], cell["regime"]) not in DEVELOPMENT_CELLS else []
-            same += "+".join(chosen.split("+")[:2]) == "+".join(cell["default_method"].split("+")[:2])
+            same += plan_of(chosen) == run_plan(cell)
         lines.append(f"| {name} | {len(cells)} | {max(ratios):.3f} | {sum(ratios) / len(ratios):.3f} | "
                      + (f"{sum(half) / len(half):.3f}" if half else "–") + " | "
                      + (f"{max(check):.3f}" if check else "–") + f" | {same} of {len(cells)} |")
@@ -224,12 +229,12 @@ def report(cells: list[dict]) -> str:
               "the default's own run chose (for the rule that run used, a check of the replay)."]
     per_cell = ["", "| fixture | regime | budget | judge ↔ held-out rank correlation | best baseline | "
                 "default (its run) | " + " | ".join(RULES) + " |", "|---|---|---|---|---|---|" + "---|" * len(RULES)]
-    for cell in cells:
-        picks = [f"{name} {perplexity(cell, name) / cell['best_baseline']:.3f}"
-                 for name in (decide(cell) for decide in RULES.values())]
+    for index, cell in enumerate(cells):
+        picks = [f"{chosen} {perplexity(cell, chosen) / cell['best_baseline']:.3f}"
+                 for chosen in (choices[name][index] for name in RULES)]
         per_cell.append(f"| {cell['fixture']} | {cell['regime']} | {cell['budget']} | {rank_agreement(cell):.2f} | "
                         f"{cell['best_baseline']:.2f} ({cell['best_baseline_method']}) | {cell['default_method']} "
-                        f"{cell['default'] / cell['best_baseline']:.3f} | " + " | ".join(picks) + " |")
+                        f"{default_ratio(cell):.3f} | " + " | ".join(picks) + " |")
     return "\n".join(lines + per_cell)
 
 
