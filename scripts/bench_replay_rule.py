@@ -20,10 +20,9 @@ what the default's own run chose: for the rule the recorded run used, a check of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,20 +51,9 @@ class RecordedLooks:
         return "second" if self.has_second else None
 
 
-@contextlib.contextmanager
-def deciding_by(clear: Callable[[dict], bool]) -> Iterator[None]:
-    """``selection``'s judging code with ``clear`` in place of ``selection.clearly_better``."""
-    original = selection.clearly_better
-    selection.clearly_better = clear
-    try:
-        yield
-    finally:
-        selection.clearly_better = original
-
-
 def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], bool], screen: bool) -> str:
     """The name a rule chooses among ``names`` (``default`` kept unless a rival is ``clear``), judged by the CLI's
-    own code (``selection.judge_in_looks``, with ``clear`` in place of ``selection.clearly_better``): screening on
+    own code (``selection.judge_in_looks``, with ``clear`` as its clear-margin test): screening on
     the first quarter of the first look, the first look, the second look for undecided rivals."""
     first_look = cell["judge"]["first_look"] or len(cell["judge"]["kl"][default])
     full = {name: windows(cell, name) for name in names}
@@ -75,10 +63,9 @@ def judged(cell: dict, names: list[str], default: str, clear: Callable[[dict], b
         racing = [n for n in names if n == default
                   or not selection.clearly_worse(full[n][:quarter], full[default][:quarter])]
     first = {i: full[n][:first_look] for i, n in enumerate(racing)}
-    with deciding_by(clear):
-        _, _, chosen, _ = selection.judge_in_looks(lambda part, i: full[racing[i]][first_look:], first,
-                                                   racing.index(default),
-                                                   RecordedLooks(len(full[default]) > first_look))
+    _, _, chosen, _ = selection.judge_in_looks(lambda part, i: full[racing[i]][first_look:], first,
+                                               racing.index(default), RecordedLooks(len(full[default]) > first_look),
+                                               clear)
     return racing[chosen]
 
 
@@ -98,20 +85,26 @@ def run_plan(cell: dict) -> str:
     return plan_of(cell["default_method"])
 
 
-def compensation_for(cell: dict, plan: str, clear: Callable[[dict], bool]) -> str:
+def compensation_for(cell: dict, plan: str, clear: Callable[[dict], bool], fallback: str | None = None) -> str:
     """The compensation decision for ``plan``. Where it is the plan the default's own run chose, the rule decides on
     that run's recorded compensation rows (none, the layer scale and router KD, each fitted by the CLI for this
     plan), so router KD is priced for any plan the run chose; elsewhere on the recorded window KLs (``compensated``).
-    """
+    With a ``fallback`` (a compensation's name), a decision that keeps none takes the fallback instead unless none
+    beats it clearly on the recorded window KLs."""
     rows = cell.get("default_selection", {}).get("compensations")
+    name = None
     if plan == run_plan(cell) and rows and "none" in rows:
         names = ["none"] + [n for n in rows if n != "none"]
-        with deciding_by(clear):
-            pick = names[selection.clear_winner([rows[n] for n in names], 0)]
+        pick = names[selection.clear_winner([rows[n] for n in names], 0, clear)]
         name = plan if pick == "none" else f"{plan}+{pick}"
-        if name == cell["default_method"] or name in cell:
-            return name
-    return judged(cell, compensated(cell, plan), plan, clear, screen=False)
+        if name != cell["default_method"] and name not in cell:
+            name = None
+    if name is None:
+        name = judged(cell, compensated(cell, plan), plan, clear, screen=False)
+    alternative = f"{plan}+{fallback}"
+    if fallback is None or name != plan or alternative not in cell["judge"]["kl"]:
+        return name
+    return judged(cell, [alternative, plan], alternative, clear, screen=False)
 
 
 def perplexity(cell: dict, name: str) -> float:
@@ -121,14 +114,15 @@ def perplexity(cell: dict, name: str) -> float:
 
 
 def rule(default_plan: str = "uniform+ean", clear: Callable[[dict], bool] = selection.clearly_better,
-         screen: bool = True) -> Callable[[dict], str]:
-    """A decision rule: the plan, then its compensation (``compensation_for``), each by ``clear``."""
+         screen: bool = True, fallback: str | None = None) -> Callable[[dict], str]:
+    """A decision rule: the plan, then its compensation (``compensation_for``, with ``fallback`` where it keeps
+    none), each by ``clear``."""
 
     def decide(cell: dict) -> str:
         plans = [f"{a}+{s}" for a in CANDIDATE_ALLOCATIONS for s in CANDIDATE_SIGNALS
                  if f"{a}+{s}" in cell["judge"]["kl"]]
         chosen = judged(cell, plans, default_plan if default_plan in plans else plans[0], clear, screen)
-        return compensation_for(cell, chosen, clear)
+        return compensation_for(cell, chosen, clear, fallback)
 
     return decide
 
@@ -180,6 +174,7 @@ previous_clear = with_z(2.0)  # the rule before 2026-12-02: the sign test excuse
 RULES: dict[str, Callable[[dict], str]] = {
     "current (sign test needs gain > 1 se; plans judged bare)": rule(),
     "previous (sign test excuses gain > -1 se)": rule(clear=previous_clear),
+    "current, layer scale kept unless none is clearly better": rule(fallback="layer-scale"),
     "plans also judged with their layer scale (tried, not adopted)": as_written(previous_clear),
     "previous, z=3": rule(clear=with_z(3.0)),
     "previous, z=1.5": rule(clear=with_z(1.5)),

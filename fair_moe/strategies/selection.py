@@ -190,10 +190,11 @@ def clearly_worse(kl, default_kl) -> bool:
     return row["gain_vs_default"] < -Z * row["gain_se"] and row["losses"] > row["wins"]
 
 
-def clear_winner(rows: list[dict], default_index: int) -> int:
-    """The rule: of the rows that clearly beat the default (``clearly_better``), the one with the lowest mean
-    window KL (the expected divergence, which held-out perplexity follows); the default when there is none."""
-    clear = [i for i, row in enumerate(rows) if i != default_index and clearly_better(row)]
+def clear_winner(rows: list[dict], default_index: int, clear_test: Callable[[dict], bool] = clearly_better) -> int:
+    """The rule: of the rows that clearly beat the default (``clear_test``, the CLI's ``clearly_better``), the one
+    with the lowest mean window KL (the expected divergence, which held-out perplexity follows); the default when
+    there is none."""
+    clear = [i for i, row in enumerate(rows) if i != default_index and clear_test(row)]
     return min(clear, key=lambda i: (rows[i]["kl_mean"], i)) if clear else default_index
 
 
@@ -203,13 +204,13 @@ def promising(row: dict) -> bool:
     return row["gain_vs_default"] > row["gain_se"] or (sign_z(row) > 1 and not one_window_loss(row))
 
 
-def to_extend(rows: dict[int, dict], default: int) -> list[int]:
+def to_extend(rows: dict[int, dict], default: int, clear_test: Callable[[dict], bool] = clearly_better) -> list[int]:
     """The rivals the second look judges, given the first look's rows: the promising rivals that are not yet
     clear and whose mean KL is below every clear rival's (they could still win), lowest mean first, at most
     ``EXTEND`` together with the best clear rival (if any), which they have to beat on the same windows. Empty
-    when the first look decided."""
+    when the first look decided. ``clear_test`` says which rows are clear (the CLI's: ``clearly_better``)."""
     rivals = {i: row for i, row in rows.items() if i != default}
-    clear = [i for i, row in rivals.items() if clearly_better(row)]
+    clear = [i for i, row in rivals.items() if clear_test(row)]
     best_clear = min(clear, key=lambda i: (rivals[i]["kl_mean"], i)) if clear else None
     bar = rivals[best_clear]["kl_mean"] if clear else math.inf
     undecided = sorted((i for i, row in rivals.items() if i not in clear and promising(row) and row["kl_mean"] < bar),
@@ -221,17 +222,19 @@ def to_extend(rows: dict[int, dict], default: int) -> list[int]:
 
 
 def judge_in_looks(kl_on: Callable[[DenseReference, int], torch.Tensor], first: dict[int, torch.Tensor],
-                   default: int, looks: Looks) -> tuple[list[dict], dict[int, int], int, bool]:
+                   default: int, looks: Looks, clear_test: Callable[[dict], bool] = clearly_better
+                   ) -> tuple[list[dict], dict[int, int], int, bool]:
     """Sequential judging of the candidates in the race (``first``: index → first-look window KLs [n1]).
 
     Returns one summary row per candidate (keyed like ``first``, in its order), the number of windows each row
     covers, the chosen index and whether the second look was taken. After the first look the rule decides unless
     ``to_extend`` names rivals; then those and the default are also judged on the second look
     (``kl_on(reference, index)`` → [n2]) and the rule decides among them on both looks together (the others are
-    out: not promising, a higher mean than a clear rival, or beyond the ``EXTEND`` lowest means)."""
+    out: not promising, a higher mean than a clear rival, or beyond the ``EXTEND`` lowest means). ``clear_test``
+    is the clear-margin test (the CLI's: ``clearly_better``; the offline replay passes variants)."""
     order = list(first)
     rows = {i: _summary(first[i], first[default]) for i in order}
-    extend = to_extend(rows, default)
+    extend = to_extend(rows, default, clear_test)
     second = looks.second() if extend else None
     kls = dict(first)
     eligible = order
@@ -240,7 +243,7 @@ def judge_in_looks(kl_on: Callable[[DenseReference, int], torch.Tensor], first: 
         for i in eligible:
             kls[i] = torch.cat([first[i], kl_on(second, i)])
         rows.update({i: _summary(kls[i], kls[default]) for i in eligible})
-    chosen = eligible[clear_winner([rows[i] for i in eligible], eligible.index(default))]
+    chosen = eligible[clear_winner([rows[i] for i in eligible], eligible.index(default), clear_test)]
     return [rows[i] for i in order], {i: len(kls[i]) for i in order}, chosen, second is not None
 
 

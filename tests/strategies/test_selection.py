@@ -337,6 +337,27 @@ def test_a_noisy_lower_mean_sends_the_clear_rival_to_the_second_look_too():
     assert extended and asked == [0, 1, 2] and chosen == 2
 
 
+def test_judging_follows_the_clear_margin_test_it_is_given():
+    """``clear_test`` replaces ``clearly_better`` everywhere in judging: a test that calls every rival clear takes
+    the lowest mean on the first look alone (a clear rival with the lowest mean leaves nothing to extend); one
+    that calls none clear keeps the default. The CLI's own test switches to neither of these rivals."""
+    from fair_moe.strategies.selection import judge_in_looks
+
+    default = [0.30] * 16
+    rivals = {1: [0.299 + n for n in NOISE], 2: [0.301 + n for n in NOISE]}  # gains 0.001 / -0.001: not clear
+    first = {0: torch.tensor(default, dtype=torch.float64)}
+    first.update({i: torch.tensor(kl, dtype=torch.float64) for i, kl in rivals.items()})
+
+    def kl_on(part, i):
+        raise AssertionError("no second look expected")
+
+    for clear_test, expected in ((lambda row: True, 1), (lambda row: False, 0), (None, 0)):
+        looks = _Looks()
+        extra = () if clear_test is None else (clear_test,)
+        _, windows, chosen, extended = judge_in_looks(kl_on, first, 0, looks, *extra)
+        assert chosen == expected and not extended and looks.asked == 0 and set(windows.values()) == {16}
+
+
 def test_two_looks_rarely_switch_to_a_rival_that_is_no_better():
     """Under the null (a rival's window KLs the default's plus zero-mean noise) the two-look rule switches in under
     6 % of draws, at most 2.5 points more often than deciding on the first look alone (measured: 3.8 % → 5.6 %)."""
