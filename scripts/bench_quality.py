@@ -224,27 +224,29 @@ def default_ratio(cell: dict) -> float:
     return cell["default"] / cell["best_baseline"]
 
 
-def ratio_line(label: str, cells: list[dict]) -> str:
+def ratio_line(label: str, cells: list[dict], development: set[tuple[str, str]] = DEVELOPMENT_CELLS) -> str:
     """Worst and mean default ÷ best baseline over ``cells``, and the mean at budget 0.5 (those of them not used for
-    development in brackets)."""
+    development, ``development``'s (fixture, regime) pairs, in brackets)."""
     ratios = [default_ratio(c) for c in cells]
     line = f"{label}: {len(cells)} cells, worst {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f}"
     half = [default_ratio(c) for c in cells if c["budget"] == 0.5]
     if half:
         line += f", at 0.5 mean {sum(half) / len(half):.3f}"
-    unseen = [default_ratio(c) for c in cells if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+    unseen = [default_ratio(c) for c in cells if (c["fixture"], c["regime"]) not in development]
     if unseen:
         line += f" (not used for development: {len(unseen)} cells, worst {max(unseen):.3f}, mean " \
                 f"{sum(unseen) / len(unseen):.3f})"
     return line
 
 
-def summary(cells: list[dict]) -> str:
+def summary(cells: list[dict], development: set[tuple[str, str]] = DEVELOPMENT_CELLS) -> str:
+    """The battery table of ``cells`` and its summary lines; cells of ``development``'s (fixture, regime) pairs are
+    marked (dev) and counted apart."""
     lines = ["| fixture | regime | budget | dense | best baseline | paper | default | router-kd (uniform+ean) | "
              "default ÷ best baseline | best fixed (incl. compensated) | default ÷ best fixed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        dev = " (dev)" if (c["fixture"], c["regime"]) in DEVELOPMENT_CELLS else ""
+        dev = " (dev)" if (c["fixture"], c["regime"]) in development else ""
         dev += "" if c.get("default_rule") == CLEAR else " †"
         lines.append(
             f"| {c['fixture']}{dev} | {c['regime']} | {c['budget']} | {c['dense']:.2f} | "
@@ -253,11 +255,10 @@ def summary(cells: list[dict]) -> str:
             f"{default_ratio(c):.3f} | {c['best_fixed']:.2f} ({c['best_fixed_method']}) | "
             f"{c['default'] / c['best_fixed']:.3f} |")
     ratios = [default_ratio(c) for c in cells]
-    held_out = [default_ratio(c) for c in cells
-                if (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+    held_out = [default_ratio(c) for c in cells if (c["fixture"], c["regime"]) not in development]
     at_half = [default_ratio(c) for c in cells if c["budget"] == 0.5]
     held_out_half = [default_ratio(c) for c in cells
-                     if c["budget"] == 0.5 and (c["fixture"], c["regime"]) not in DEVELOPMENT_CELLS]
+                     if c["budget"] == 0.5 and (c["fixture"], c["regime"]) not in development]
     lines += [
         "",
         f"cells: {len(cells)}; worst default ÷ best baseline: {max(ratios):.3f} "
@@ -268,12 +269,14 @@ def summary(cells: list[dict]) -> str:
            "lower perplexity than the best baseline)" if at_half else "")
         + (f"; at 0.5 on cells not used for development: mean {sum(held_out_half) / len(held_out_half):.3f}"
            if held_out_half else ""),
+        f"default above the best baseline (ratio > 1.0005, i.e. 1.001 or more as printed): "
+        f"{sum(r > 1.0005 for r in ratios)} of {len(ratios)} cells",
         f"worst default ÷ best fixed configuration (compensated ones included): "
         f"{max(c['default'] / c['best_fixed'] for c in cells):.3f}",
     ]
     current = [c for c in cells if c.get("default_rule") == CLEAR]
     if current and len(current) < len(cells):
-        lines.append(ratio_line("on the cells whose default is the current rule's (no †)", current))
+        lines.append(ratio_line("on the cells whose default is the current rule's (no †)", current, development))
     if any(c.get("default_rule") != CLEAR for c in cells):
         lines.append("† the default was chosen by an earlier rule of auto than the current one (cells without a "
                      "recorded `default_rule` predate 2026-12-02: sign test with a mean gain above −1 standard error)")
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only summarise: the cells.jsonl of these earlier --out folders into OUT/battery.md")
     p.add_argument("--defaults", type=Path, nargs="*", default=[], metavar="DIR",
                    help="with --merge: --only-default runs whose default replaces the merged cells' own")
+    p.add_argument("--development", nargs="*", default=[], metavar="FIXTURE:REGIME",
+                   help="with --merge: more cells to mark (dev), e.g. those a later change of the rule was found on")
     args = p.parse_args(argv)
     if args.merge:
         cells = [json.loads(line) for folder in args.merge
@@ -307,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             if update is not None:
                 cell.update({k: update.get(k) for k in ("default", "default_method", "default_seconds",
                                                         "default_rule")})
-        return write_summary([c for c in cells if "best_baseline" in c], args.out)
+        development = DEVELOPMENT_CELLS | {tuple(pair.split(":")) for pair in args.development}
+        return write_summary([c for c in cells if "best_baseline" in c], args.out, development)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "cells.jsonl"
@@ -337,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     return write_summary([json.loads(line) for line in log.read_text().splitlines()], args.out)
 
 
-def write_summary(cells: list[dict], out: Path) -> int:
+def write_summary(cells: list[dict], out: Path, development: set[tuple[str, str]] = DEVELOPMENT_CELLS) -> int:
     """The summary table of ``cells`` into OUT/battery.md (and stdout)."""
     order = {name: i for i, name in enumerate(FIXTURES)}
     cells.sort(key=lambda c: (order[c["fixture"]], c["regime"], c["budget"]))
-    table = summary(cells)
+    table = summary(cells, development)
     out.mkdir(parents=True, exist_ok=True)
     (out / "battery.md").write_text(table + "\n")
     print(table)
