@@ -224,6 +224,12 @@ def default_ratio(cell: dict) -> float:
     return cell["default"] / cell["best_baseline"]
 
 
+def percent_apart(ratio: float) -> str:
+    """A mean default ÷ best baseline ratio in words, e.g. 0.93 → "a 7.0 % lower perplexity than the best baseline"."""
+    side = "lower" if ratio <= 1 else "higher"
+    return f"a {100 * abs(1 - ratio):.1f} % {side} perplexity than the best baseline"
+
+
 def ratio_line(label: str, cells: list[dict], development: set[tuple[str, str]] = DEVELOPMENT_CELLS) -> str:
     """Worst and mean default ÷ best baseline over ``cells``, and the mean at budget 0.5 (those of them not used for
     development, ``development``'s (fixture, regime) pairs, in brackets)."""
@@ -265,8 +271,8 @@ def summary(cells: list[dict], development: set[tuple[str, str]] = DEVELOPMENT_C
         f"(mean {sum(ratios) / len(ratios):.3f}); "
         + (f"on cells not used for development: worst {max(held_out):.3f}, mean {sum(held_out) / len(held_out):.3f}; "
            if held_out else "")
-        + (f"at budget 0.5: mean {sum(at_half) / len(at_half):.3f} (a {100 * (1 - sum(at_half) / len(at_half)):.1f} % "
-           "lower perplexity than the best baseline)" if at_half else "")
+        + (f"at budget 0.5: mean {sum(at_half) / len(at_half):.3f} ({percent_apart(sum(at_half) / len(at_half))})"
+           if at_half else "")
         + (f"; at 0.5 on cells not used for development: mean {sum(held_out_half) / len(held_out_half):.3f}"
            if held_out_half else ""),
         f"default above the best baseline (ratio > 1.0005, i.e. 1.001 or more as printed): "
