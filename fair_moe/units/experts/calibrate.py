@@ -26,7 +26,7 @@ from fair_moe.adapters.base import MoELayer
 from fair_moe.core.statistics import SignalStatistics
 from fair_moe.metrics import execution_device
 from fair_moe.units.autograd import activation_gradients_only
-from fair_moe.units.experts.routing import expert_outputs, patched_forward, routed_pairs
+from fair_moe.units.experts.routing import as_routed, expert_outputs, patched_forward, routed_pairs
 
 
 class LayerAccumulator:
@@ -120,17 +120,19 @@ class SignalCollector:
         """Patch every experts module for the duration of the block; always restored."""
         with contextlib.ExitStack() as stack:
             for layer, acc in zip(self.layers, self.acc, strict=True):
-                forward = self._instrumented_forward(layer.experts, acc, layer.structure.experts_tail > 0)
+                forward = self._instrumented_forward(layer, acc)
                 stack.enter_context(patched_forward(layer.experts, forward))
             yield
 
-    def _instrumented_forward(self, experts: nn.Module, acc: LayerAccumulator, computes_tail: bool):
-        original = experts.forward
+    def _instrumented_forward(self, layer: MoELayer, acc: LayerAccumulator):
+        original = layer.experts.forward
+        computes_tail = layer.structure.experts_tail > 0
         collector = self
 
         def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             # hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]; one row per routed pair below
-            token, chosen, valid = routed_pairs(top_k_index, acc.count.shape[0])
+            ids = as_routed(layer, top_k_index, top_k_weights)
+            token, chosen, valid = routed_pairs(ids, acc.count.shape[0])
             weights = top_k_weights.reshape(-1)[valid]
             outputs = expert_outputs(lambda h, i, w: original(h, i, w, *args, **kwargs), hidden_states, token,
                                      chosen, top_k_weights.dtype,

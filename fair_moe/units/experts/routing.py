@@ -261,7 +261,8 @@ def _tapped_forward(layer: MoELayer, adapter: FusedExpertsAdapter, state: Router
         def run(hidden, ids, weights):
             return original(hidden, ids, weights, *args, **kwargs)
 
-        call = ExpertsCall(layer, adapter, hidden_states, top_k_index, top_k_weights, state, run)
+        ids = as_routed(layer, top_k_index, top_k_weights)
+        call = ExpertsCall(layer, adapter, hidden_states, ids, top_k_weights, state, run)
         result = tap(call)
         return call.output() if result is None else result
 
@@ -281,6 +282,17 @@ def patched_forward(module: nn.Module, forward) -> Iterator[None]:
             module.__dict__.pop("forward", None)
         else:
             module.forward = previous
+
+
+def as_routed(layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The ids ``[T, k]`` an experts module was given, with the slots of classes past the routed experts that its
+    block computes itself put back past them (id E). Such a block (LongCat's identity experts, transformers ≥ 5.25)
+    hands the experts module those slots re-pointed at routed experts with weight exactly 0, so without this they
+    would count as routings of those experts; every other layer's ids are returned as they are."""
+    structure = layer.structure
+    if structure.router_tail <= structure.experts_tail:
+        return ids
+    return torch.where(weights == 0, torch.full_like(ids, layer.num_experts), ids)
 
 
 def routed_pairs(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -128,3 +128,23 @@ def test_a_wrong_checkpoint_still_fails_by_parts(tmp_path, monkeypatch, corrupt)
     model, plan = _tied_model()
     with pytest.raises(FairMoeError, match="checked by parts"):
         _write(model, plan, tmp_path / "out", monkeypatch, corrupt)
+
+
+def test_slots_a_block_computes_itself_are_put_back_past_the_routed_experts():
+    """LongCat's block (transformers ≥ 5.25) hands its experts module each identity-expert slot re-pointed at a
+    routed expert with weight exactly 0: those slots are no routing of that expert; a module that computes its tail
+    itself, or a layer without a tail, keeps its ids as given."""
+    from types import SimpleNamespace
+
+    from fair_moe.units.experts.routing import as_routed
+
+    ids = torch.tensor([[3, 0], [1, 2]])
+    weights = torch.tensor([[0.7, 0.0], [0.4, 0.6]])
+
+    def layer(router_tail: int, experts_tail: int) -> SimpleNamespace:
+        return SimpleNamespace(num_experts=4, structure=SimpleNamespace(router_tail=router_tail,
+                                                                        experts_tail=experts_tail))
+
+    assert as_routed(layer(2, 0), ids, weights).tolist() == [[3, 4], [1, 2]]
+    assert as_routed(layer(2, 2), ids, weights).tolist() == [[3, 0], [1, 2]]
+    assert as_routed(layer(0, 0), ids, weights).tolist() == [[3, 0], [1, 2]]
