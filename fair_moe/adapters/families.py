@@ -27,8 +27,8 @@ register_adapter(FusedExpertsAdapter(
     "needs per-layer expert counts, which fair_moe does not yet write for this type"))
 register_adapter(FusedExpertsAdapter(
     model_type="ergo", unsupported="its experts module holds a per-expert post-expert norm whose size comes from the "
-    "config's expert count, which fair_moe does not yet rewrite for per-layer counts (a checkpoint with experts removed "
-    "unevenly would not load); not yet in the test matrix"))
+    "config's expert count, which fair_moe does not yet rewrite for per-layer counts (a checkpoint with experts "
+    "removed unevenly would not load); not yet in the test matrix"))
 register_adapter(FusedExpertsAdapter(
     model_type="openai_privacy_filter", unsupported="a token-classification encoder, not a language model"))
 
