@@ -27,6 +27,7 @@ from fair_moe.adapters.structure import (
     auto_class_name,
     discover,
     meta_model,
+    tensor_at,
     text_config,
 )
 from fair_moe.core.errors import FairMoeError
@@ -49,7 +50,9 @@ class CheckpointKey:
     for a fused tensor whose first axis is the expert axis; ``axis`` the expert axis of a router tensor. In a
     quantized checkpoint ``name`` is the weight the tensor encodes and ``role`` what the tensor is to it (payload,
     scale, exponent, auxiliary; ``fair_moe.checkpoint.quantized``); ``role`` is None for a plain tensor. ``target`` is
-    the module tensor the key fills (``down_proj``, ``gate.e_score_correction_bias``), whatever the disk name.
+    the module tensor the key fills (``down_proj``, ``gate.e_score_correction_bias``), whatever the disk name;
+    ``transposes`` the axis swaps that put the disk tensor in the module tensor's layout (``to_module`` /
+    ``to_disk``); ``axis`` is an axis of the module tensor.
     """
 
     key: str
@@ -62,10 +65,23 @@ class CheckpointKey:
     role: str | None = None
     axis: int = 0
     target: str | None = None
+    transposes: tuple[tuple[int, int], ...] = ()
 
     def renumbered(self, new_id: int) -> str:
         """This per-expert key with the expert id replaced."""
         return f"{self.prefix}{new_id}{self.suffix}"
+
+    def to_module(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The disk tensor in the layout of the module tensor it fills."""
+        for dim0, dim1 in self.transposes:
+            tensor = tensor.transpose(dim0, dim1)
+        return tensor
+
+    def to_disk(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor in the module's layout back in the disk layout (contiguous, to be written)."""
+        for dim0, dim1 in reversed(self.transposes):
+            tensor = tensor.transpose(dim0, dim1)
+        return tensor.contiguous() if self.transposes else tensor
 
 
 @dataclass
@@ -93,6 +109,13 @@ class MoELayer:
     def tensor(self, path: str) -> torch.Tensor:
         module, name = self.owner(path)
         return getattr(module, name)
+
+    def expert_owner(self, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) of an experts-module-relative tensor name (``down_proj``, ``norm.weight``)."""
+        return self.owner(f"{self.structure.experts_path}.{name}")
+
+    def expert_tensor(self, name: str) -> torch.Tensor:
+        return tensor_at(self.experts, name)
 
     def router_tensors(self) -> list[tuple[str, int]]:
         """(block-relative path, expert axis) of every router-side tensor with an expert axis."""
@@ -207,7 +230,7 @@ class FusedExpertsAdapter:
                 continue
             router = block.get_submodule(structure.router_path)
             experts = block.get_submodule(structure.experts_path)
-            num_experts = min(getattr(experts, name).shape[0] for name in structure.expert_tensors)
+            num_experts = min(tensor_at(experts, name).shape[0] for name in structure.expert_tensors)
             top_k = getattr(router, "top_k", None)
             layers.append(MoELayer(index=index, block=block, router=router, experts=experts, num_experts=num_experts,
                                    top_k=int(top_k) if isinstance(top_k, int) else structure.top_k,
@@ -300,16 +323,18 @@ class FusedExpertsAdapter:
         quant_suffix = key[len(weight_key):]
         for path, axis in structure.router_tensors:
             if rel == path:
-                return CheckpointKey(key, layer, "router", path, axis=axis, target=path)
+                return CheckpointKey(key, layer, "router", path, axis=axis, target=path, transposes=mapped.transposes)
         experts = structure.experts_path + "."
         if not rel.startswith(experts) or rel[len(experts):] not in structure.expert_tensors:
             return None
         target = rel[len(experts):]
         if mapped.expert is None:
-            return CheckpointKey(key, layer, "experts", target + quant_suffix, target=target)
+            return CheckpointKey(key, layer, "experts", target + quant_suffix, target=target,
+                                 transposes=mapped.transposes)
         start, end = mapped.span
         disk_name = weight_key[end:].lstrip(".") + quant_suffix
-        return CheckpointKey(key, layer, "experts", disk_name, mapped.expert, key[:start], key[end:], target=target)
+        return CheckpointKey(key, layer, "experts", disk_name, mapped.expert, key[:start], key[end:], target=target,
+                             transposes=mapped.transposes)
 
     def is_down_projection(self, name: str) -> bool:
         """Whether an experts tensor (module attribute, or the module attribute a checkpoint key fills) is a down

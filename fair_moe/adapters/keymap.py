@@ -20,11 +20,14 @@ from torch import nn
 @dataclass(frozen=True)
 class MappedKey:
     """``target``: the module tensor a disk key fills (its path in the model); ``expert``: the expert id of a
-    per-expert key and ``span`` where those digits are in the disk key (None for a key that is not per-expert)."""
+    per-expert key and ``span`` where those digits are in the disk key (None for a key that is not per-expert);
+    ``transposes``: the axis swaps the loader applies, in order, to make the module tensor of the disk tensor (a
+    router stored ``[hidden, E]`` for a module weight ``[E, hidden]``)."""
 
     target: str
     expert: int | None = None
     span: tuple[int, int] | None = None
+    transposes: tuple[tuple[int, int], ...] = ()
 
 
 class KeyMap:
@@ -50,11 +53,29 @@ class KeyMap:
         if self._rename is None:
             return MappedKey(key)
         target, pattern = self._rename(key, self.renamings, self.converters, self.prefix, self.module_keys)
-        if pattern is None or "*" not in pattern:
+        if pattern is None:
             return MappedKey(target)
+        transposes = self._transposes(pattern)
+        if "*" not in pattern:
+            return MappedKey(target, transposes=transposes)
         # source patterns are regular expressions in which ``*`` stands for the expert id
         found = re.search(pattern.replace("*", r"(\d+)"), key)
         if found is None:
-            return MappedKey(target)
+            return MappedKey(target, transposes=transposes)
         last = found.lastindex  # the expert id is the last wildcard (``experts.*.…``)
-        return MappedKey(target, int(found.group(last)), found.span(last))
+        return MappedKey(target, int(found.group(last)), found.span(last), transposes)
+
+    def _transposes(self, pattern: str) -> tuple[tuple[int, int], ...]:
+        """The axis swaps of the one-to-one converter whose source is ``pattern``, when all it does is swap axes
+        (``()`` otherwise: the key is then read in the layout it is stored in)."""
+        from transformers.core_model_loading import Transpose
+
+        for converter in self.converters:
+            if pattern not in converter.source_patterns:
+                continue
+            if len(converter.source_patterns) != 1 or len(converter.target_patterns) != 1:
+                return ()
+            if not all(type(op) is Transpose and not op.check_dims for op in converter.operations):
+                return ()
+            return tuple((op.dim0, op.dim1) for op in converter.operations)
+        return ()

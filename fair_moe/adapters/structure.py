@@ -83,6 +83,12 @@ def text_config(config):
     return getter() if getter is not None else config
 
 
+def tensor_at(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer at a dotted ``name`` relative to ``module`` (``down_proj``, ``norm.weight``)."""
+    module_path, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(module_path), attribute)
+
+
 def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
 
@@ -285,14 +291,29 @@ def _router_tensors(block: nn.Module, router_path: str, num_experts: int, tail: 
 
 
 def _expert_tensors(experts: nn.Module, num_experts: int, tail: int) -> tuple[tuple[str, ...], int]:
-    """(the experts module's tensors with an expert axis first, how many classes past E they also hold)."""
+    """(the experts module's tensors with an expert axis first, how many classes past E they also hold).
+
+    Names are relative to the experts module: its own tensors (``down_proj``), and ``[E, …]`` matrices of the modules
+    inside it (``post_expert_norm.weight``: a per-expert norm scale ``[E, hidden]``)."""
     rows = {n: t.shape[0] for n, t in _direct_tensors(experts).items() if t.dim() >= 1
             and num_experts <= t.shape[0] <= 2 * num_experts}
     experts_tail = max(rows.values()) - num_experts
     if experts_tail and experts_tail != tail:
         raise Unsupported(f"the experts module holds {experts_tail} classes after the E={num_experts} routed experts "
                           f"but the router scores {tail}: fair_moe cannot tell which classes are experts")
+    rows.update(_nested_expert_rows(experts, num_experts + experts_tail))
     return tuple(sorted(n for n, r in rows.items() if r in (num_experts, num_experts + experts_tail))), experts_tail
+
+
+def _nested_expert_rows(experts: nn.Module, rows: int) -> dict[str, int]:
+    """Dotted name → rows of the ``[rows, …]`` matrices held by modules inside the experts module."""
+    found = {}
+    for prefix, module in experts.named_modules():
+        if not prefix:
+            continue
+        found.update({f"{prefix}.{n}": t.shape[0] for n, t in _direct_tensors(module).items()
+                      if t.dim() >= 2 and t.shape[0] == rows})
+    return found
 
 
 def _count_attributes(modules: list[tuple[str, nn.Module]], count: int) -> tuple[str, ...]:

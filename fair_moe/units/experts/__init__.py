@@ -128,7 +128,7 @@ class ExpertsUnit(UnitKind):
         removed = 0
         for layer in adapter.moe_layers(model):
             tensors = [layer.tensor(path) for path, _ in structure.router_tensors]
-            tensors += [getattr(layer.experts, name) for name in structure.expert_tensors]
+            tensors += [layer.expert_tensor(name) for name in structure.expert_tensors]
             per_expert = sum(t.numel() // layer.num_experts for t in tensors)
             removed += per_expert * size * (layer.num_experts - len(plan.kept[layer.index]))
         return dense - removed

@@ -8,8 +8,10 @@ The adapter says what a key is (router rows, a per-expert tensor, a fused expert
 - router tensors whose first axis is the expert count: rows sliced.
 
 A compensation's ``transform(key, tensor)`` sees each of these source tensors whole, before slicing, with
-the original expert ids; in a quantized checkpoint the key says which weight the tensor encodes and what it is to
-that weight (payload, scale, ...), so that a scaling touches the scale and never the quantized payload.
+the original expert ids, in the layout of the module tensor it fills (a router stored transposed is handed over as
+``[E, hidden]`` and written back transposed); in a quantized checkpoint the key says which weight the tensor
+encodes and what it is to that weight (payload, scale, ...), so that a scaling touches the scale and never the
+quantized payload.
 
 Every MoE layer of the plan must have its router found and its experts sliced to the planned count; anything
 else is an error (and the writer also reloads the result and compares it with the masked original, so a layout
@@ -63,20 +65,22 @@ class ExpertKeyRewriter:
             if ref.expert not in self.new_id[layer]:
                 return None
             self.experts_seen[layer].add(ref.expert)
-            return ref.renumbered(self.new_id[layer][ref.expert]), self.transform(ref, load())
-        tensor = load()
+            new_key = ref.renumbered(self.new_id[layer][ref.expert])
+            return new_key, ref.to_disk(self.transform(ref, ref.to_module(load())))
+        stored = load()
+        tensor = ref.to_module(stored)
         if ref.part == "experts":
             if tensor.shape[0] not in (self.plan.width, self.plan.width + self.tail):
                 raise FairMoeError(f"fused expert tensor {key} has first dimension {tensor.shape[0]}, "
                                    f"not the expert count {self.plan.width}")
             self.fused_seen[layer] += 1
             index = expert_index(self.kept[layer], tensor.shape[0], self.plan.width)
-            return key, self.transform(ref, tensor).index_select(0, index)
+            return key, ref.to_disk(self.transform(ref, tensor).index_select(0, index))
         if tensor.dim() <= ref.axis or tensor.shape[ref.axis] not in (self.plan.width, self.plan.width + self.tail):
-            return key, tensor
+            return key, stored
         self.routers_seen[layer] += 1
         index = expert_index(self.kept[layer], tensor.shape[ref.axis], self.plan.width)
-        return key, self.transform(ref, tensor).index_select(ref.axis, index)
+        return key, ref.to_disk(self.transform(ref, tensor).index_select(ref.axis, index))
 
     def transform(self, ref: CheckpointKey, tensor: torch.Tensor) -> torch.Tensor:
         """The compensation's change of one source tensor, told what the tensor is in a quantized format."""

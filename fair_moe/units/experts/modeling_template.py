@@ -30,8 +30,10 @@ def resize_moe_layers(model, config):
             module = block.get_submodule(module_path) if module_path else block
             _resize_tensor(module, name, count + getattr(module, name).shape[axis] - built, axis)
         experts = block.get_submodule(layout["experts_path"])
-        for name in layout["experts_tensors"]:
-            _resize_tensor(experts, name, count + getattr(experts, name).shape[0] - built, 0)
+        for name in layout["experts_tensors"]:  # relative to the experts module; may name a module inside it
+            module_path, _, attribute = name.rpartition(".")
+            module = experts.get_submodule(module_path)
+            _resize_tensor(module, attribute, count + getattr(module, attribute).shape[0] - built, 0)
         for paths, value in ((layout["count_attributes"], count),
                              (layout.get("tail_count_attributes", ()), count + layout.get("router_tail", 0))):
             for path in paths:

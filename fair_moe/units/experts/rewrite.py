@@ -75,8 +75,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
             length = getattr(module, name).shape[axis]
             _slice_tensor(module, name, expert_index(kept, length, layer.num_experts), axis)
         for name in structure.expert_tensors:
-            length = getattr(layer.experts, name).shape[0]
-            _slice_tensor(layer.experts, name, expert_index(kept, length, layer.num_experts))
+            module, attribute = layer.expert_owner(name)
+            length = getattr(module, attribute).shape[0]
+            _slice_tensor(module, attribute, expert_index(kept, length, layer.num_experts))
         set_count_attributes(layer.block, structure.count_attributes, len(kept))
         set_count_attributes(layer.block, structure.tail_count_attributes, len(kept) + structure.router_tail)
         if not plan.is_uniform:

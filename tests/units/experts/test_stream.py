@@ -71,3 +71,24 @@ def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(tmp_path):
     plan = PrunePlan("qwen2_moe", "experts", 12, {0: [1, 2, 3], 1: list(range(12)), 7: [0, 1, 2]}, top_k=3)
     with pytest.raises(FairMoeError, match="layer 7"):
         stream_pruned(model, plan, tmp_path / "src", tmp_path / "out")
+
+
+def test_a_router_stored_transposed_is_sliced_along_its_expert_axis(tmp_path):
+    """ergo stores its router ``[hidden, E]`` (the loader transposes it) and a per-expert norm scale ``[E, hidden]``
+    inside its experts module: the streamed checkpoint keeps the kept experts' columns of the one, rows of the other,
+    in the layout they were stored in."""
+    from safetensors.torch import load_file
+
+    model = build_model(all_configs()["ergo"], seed=4)
+    model.save_pretrained(tmp_path / "src")
+    plan = grouped_uneven_plan(model)
+    stream_pruned(model, plan, tmp_path / "src", tmp_path / "out")
+    source = load_file(tmp_path / "src" / "model.safetensors")
+    written = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(shard))
+    for layer, kept in plan.kept.items():
+        head = f"layers.{layer}.feed_forward."
+        assert source[head + "gate_kernel"].shape == (32, 8)
+        assert torch.equal(written[head + "gate_kernel"], source[head + "gate_kernel"][:, kept])
+        assert torch.equal(written[head + "expert_output_norm.scale"], source[head + "expert_output_norm.scale"][kept])
