@@ -11,6 +11,7 @@ or a reason the family cannot be pruned although its structure looks like one th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch import nn
 from fair_moe.adapters.keymap import KeyMap
 from fair_moe.adapters.structure import (
     OTHER_TOWERS,
+    TOP_K,
     MoEStructure,
     Unsupported,
     auto_class_name,
@@ -145,11 +147,13 @@ class FusedExpertsAdapter:
         fused_key_names: fused expert tensors a checkpoint stores outside ``experts.`` (GraniteMoE's
             ``input_linear.weight``), relative to the MoE block.
         unsupported: why a type whose structure is found still cannot be pruned (None: it can).
+        dispatch: how the block calls its experts module (``MoEStructure.dispatch``); the module tree cannot tell.
     """
 
     model_type: str | None = None
     fused_key_names: tuple[str, ...] = ()
     unsupported: str | None = None
+    dispatch: str = TOP_K
     _structures: dict = field(default_factory=dict, repr=False)
 
     # ---- structure ---------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class FusedExpertsAdapter:
             if self.unsupported:
                 raise Unsupported(f"model_type {config.model_type!r}: {self.unsupported}")
             model = meta_model(config, auto_class_name(config))
-            self._structures[key] = (discover(model), KeyMap(model))
+            self._structures[key] = (dataclasses.replace(discover(model), dispatch=self.dispatch), KeyMap(model))
         return self._structures[key]
 
     def auto_class(self, config) -> str:

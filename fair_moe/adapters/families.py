@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from fair_moe.adapters import register_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter
+from fair_moe.adapters.structure import EXPERT_MAJOR
 
 # GraniteMoE checkpoints keep the fused experts as ``block_sparse_moe.input_linear.weight`` / ``output_linear.weight``.
 for _type in ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"):
     register_adapter(FusedExpertsAdapter(model_type=_type,
                                          fused_key_names=("input_linear.weight", "output_linear.weight")))
 
-register_adapter(FusedExpertsAdapter(
-    model_type="llama4_text", unsupported="its experts run on every token (an expert-major input scaled by dense "
-    "router scores), not on the top-k ids the router selects"))
-register_adapter(FusedExpertsAdapter(
-    model_type="llama4", unsupported="its experts run on every token (an expert-major input scaled by dense "
-    "router scores), not on the top-k ids the router selects"))
+# Llama 4's block runs every expert on every token: its router returns dense scores [T, E] (sigmoid of the top-k
+# logits, 0 elsewhere) and the experts module takes [E·T, H] rows, expert e's block the tokens scaled by their score
+# for e; an expert that was not selected computes on zeros and adds nothing.
+for _type in ("llama4_text", "llama4"):
+    register_adapter(FusedExpertsAdapter(model_type=_type, dispatch=EXPERT_MAJOR))
 register_adapter(FusedExpertsAdapter(
     model_type="deepseek_v4", unsupported="its hash-routed layers pick experts from a fixed token-id -> expert table "
     "(tid2eid), so an expert removed there cannot be made unreachable in the stock model; keeping those layers whole "
@@ -36,8 +36,8 @@ SUPPORTED = frozenset({
     "gemma4", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss", "granitemoe",
     "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl",
     "inkling2", "inkling2_loop", "inkling_mm_model", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna",
-    "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2",
-    "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral", "muse_spark", "nemotron_h", "olmoe", "phimoe",
-    "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "sarvam_mla",
-    "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr",
+    "lara_mini", "lfm2_moe", "llama4", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe",
+    "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral", "muse_spark", "nemotron_h",
+    "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe",
+    "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr",
 })

@@ -28,6 +28,10 @@ TOPK_GROUP_ATTRIBUTES = ("topk_group", "num_topk_group")
 NOT_A_COUNT = ("per_tok", "per_token", "shared", "topk", "top_k", "group", "_k", "dense", "layer", "capacity")
 
 
+TOP_K = "top_k"
+EXPERT_MAJOR = "expert_major"
+
+
 class Unsupported(FairMoeError):
     """The model's structure is not one fair_moe can prune; the message says what was found."""
 
@@ -43,7 +47,11 @@ class MoEStructure:
     ``router_tail`` more classes after the E routed experts (shared experts weighted jointly with the routed ones):
     they are never units, and a router tensor of length E + tail keeps them (``expert_index``); ``experts_tail`` of
     them are computed by the experts module itself (zero-computation / identity experts), whose tensors of length
-    E + tail keep theirs the same way."""
+    E + tail keep theirs the same way. ``dispatch`` is how the block calls its experts module: ``top_k``
+    (``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``, transformers' fused-experts call) or
+    ``expert_major`` (Llama 4: the router returns dense scores ``[T, E]``, 0 where an expert was not selected, and
+    the experts module runs every expert on ``[E·T, H]`` rows, expert e's block the tokens scaled by their score for e,
+    whose outputs the block sums over e)."""
 
     layers_path: str
     block_path: str
@@ -65,6 +73,7 @@ class MoEStructure:
     router_tail: int = 0  # classes the router scores after the E routed experts (e.g. jointly weighted shared experts)
     experts_tail: int = 0  # of those, the ones the experts module computes itself (LongCat's identity experts)
     tail_count_attributes: tuple[str, ...] = ()  # attributes caching E + router_tail
+    dispatch: str = "top_k"  # how the block calls its experts: TOP_K or EXPERT_MAJOR (see below)
 
     def block_of(self, layer: nn.Module) -> nn.Module | None:
         """The MoE block of one decoder layer (None for a dense layer)."""
@@ -128,11 +137,17 @@ def experts_count(module: nn.Module) -> int | None:
     return None
 
 
+LAYER_LISTS = ("layers", "blocks")
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The language model's decoder layers and their path in ``model``."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = next((getattr(decoder, name) for name in ("layers", "blocks") if decoder is not None
+    layers = next((getattr(decoder, name) for name in LAYER_LISTS if decoder is not None
                    and isinstance(getattr(decoder, name, None), nn.ModuleList)), None)
+    if layers is None and decoder is not None:  # a decoder that wraps the model holding the layers (Llama 4's
+        layers = next((m for name, m in decoder.named_modules()  # language model is a ForCausalLM)
+                       if isinstance(m, nn.ModuleList) and name.endswith(LAYER_LISTS)), None)
     if not isinstance(layers, nn.ModuleList):
         candidates = [(name, m) for name, m in model.named_modules()
                       if isinstance(m, nn.ModuleList) and name.endswith(("layers", "blocks"))]

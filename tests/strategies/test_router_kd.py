@@ -41,8 +41,9 @@ def _fit(model, plan, **options):
     return KD.fit(model, plan.kept, FitData(FIT, batch_size=4, seed=0, options={**KD.parse_options(()), **options}))
 
 
-# ergo stores its router transposed on disk ([hidden, E]): the streamed rows are written back in that layout
-KD_FAMILIES = {**family_configs(), "ergo": all_configs()["ergo"]}
+# ergo stores its router transposed on disk ([hidden, E]): the streamed rows are written back in that layout;
+# llama4_text's block is expert-major (dense router scores, every expert on every token)
+KD_FAMILIES = {**family_configs(), **{name: all_configs()[name] for name in ("ergo", "llama4_text")}}
 
 
 @pytest.mark.parametrize("family", list(KD_FAMILIES))

@@ -315,7 +315,7 @@ def _train_local(model, rows: RouterRows, train, held, batch_size, seed, options
 def _layer_error(rows: RouterRows, layer, removed, captured, batch) -> torch.Tensor:
     """Mean squared error of the layer's routed output under the trained rows against the dense output, on the
     captured rows ``batch`` (indices)."""
-    from fair_moe.units.experts.routing import route
+    from fair_moe.units.experts.routing import route, run_experts
 
     x, y = captured.x[batch], captured.y[batch]
     router_in = x if captured.router_x is None else captured.router_x[batch]
@@ -323,7 +323,7 @@ def _layer_error(rows: RouterRows, layer, removed, captured, batch) -> torch.Ten
         router_in = router_in.unsqueeze(0)
     subs = {name: rows.full(layer, name) for name in rows.params[layer.index]}
     weights, ids = route(layer, (router_in, *captured.extra_args), captured.extra_kwargs, removed, parameters=subs)
-    y_hat = layer.experts(x, ids, weights.to(x.dtype))
+    y_hat = run_experts(layer)(x, ids, weights.to(x.dtype))
     return (y_hat.float() - y.float()).pow(2).mean()
 
 

@@ -23,10 +23,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fair_moe.adapters.base import MoELayer
+from fair_moe.adapters.structure import EXPERT_MAJOR
 from fair_moe.core.statistics import SignalStatistics
 from fair_moe.metrics import execution_device
 from fair_moe.units.autograd import activation_gradients_only
-from fair_moe.units.experts.routing import as_routed, expert_outputs, patched_forward, routed_pairs
+from fair_moe.units.experts.routing import (
+    as_routed,
+    expert_major_output,
+    expert_outputs,
+    layer_routing,
+    patched_forward,
+    routed_pairs,
+    run_experts,
+)
 
 
 class LayerAccumulator:
@@ -117,10 +126,16 @@ class SignalCollector:
 
     @contextlib.contextmanager
     def instrument(self) -> Iterator[None]:
-        """Patch every experts module for the duration of the block; always restored."""
+        """Patch every experts module (and an expert-major block's router, to see its routing) for the duration of
+        the block; always restored."""
         with contextlib.ExitStack() as stack:
             for layer, acc in zip(self.layers, self.acc, strict=True):
-                forward = self._instrumented_forward(layer, acc)
+                if layer.structure.dispatch == EXPERT_MAJOR:
+                    seen: dict = {}
+                    stack.enter_context(patched_forward(layer.router, _recording_router(layer, seen)))
+                    forward = self._instrumented_expert_major_forward(layer, acc, seen)
+                else:
+                    forward = self._instrumented_forward(layer, acc)
                 stack.enter_context(patched_forward(layer.experts, forward))
             yield
 
@@ -151,6 +166,27 @@ class SignalCollector:
 
         return forward
 
+    def _instrumented_expert_major_forward(self, layer: MoELayer, acc: LayerAccumulator, seen: dict):
+        """An expert-major block scales each expert's input by its router weight, so the routed pair's output is the
+        expert's contribution f_e(g·x) [P, H] and its gate is taken as 1; the module returns their sum over the
+        slots, laid out as the block sums it."""
+        run = run_experts(layer, layer.experts.forward)
+        collector = self
+
+        def forward(self, routed_in):
+            weights, ids = seen["routing"]
+            hidden = seen["hidden"].reshape(-1, routed_in.shape[-1])  # [T, H]
+            token, chosen, valid = routed_pairs(ids, acc.count.shape[0])
+            gates = weights.reshape(-1)[valid].to(hidden.dtype)
+            outputs = run(hidden[token], chosen[:, None], gates[:, None])  # [P, H]
+            final = torch.zeros_like(hidden).index_add_(0, token, outputs.to(hidden.dtype))
+            acc.update(chosen, collector.current_class, torch.ones_like(gates), outputs)
+            if outputs.requires_grad:
+                outputs.register_hook(_taylor_hook(acc, chosen, outputs.detach()))
+            return expert_major_output(final, layer.num_experts)
+
+        return forward
+
     def statistics(self, seed: int, tokens: int) -> SignalStatistics:
         """The sums as [L, E] tensors; class samples are built per layer on demand."""
         rows = [layer.index for layer in self.layers]
@@ -165,6 +201,18 @@ class SignalCollector:
             gated_norm=torch.stack([a.gated_norm for a in self.acc]),
             class_samples=RoutedClassValues(self.acc, self.class_tokens) if self.num_classes >= 2 else None,
         )
+
+
+def _recording_router(layer: MoELayer, seen: dict):
+    """A router forward that keeps its input rows and its routing in ``seen`` and returns its own output."""
+    original = layer.router.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        output = original(hidden_states, *args, **kwargs)
+        seen["hidden"], seen["routing"] = hidden_states, layer_routing(layer, output)
+        return output
+
+    return forward
 
 
 def _taylor_hook(acc: LayerAccumulator, experts: torch.Tensor, outputs: torch.Tensor):

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from fair_moe.adapters import get_adapter
 from fair_moe.adapters.base import FusedExpertsAdapter, MoELayer
-from fair_moe.adapters.structure import Unsupported
+from fair_moe.adapters.structure import EXPERT_MAJOR, Unsupported
 
 
 def _tensors_in(args, kwargs) -> list[torch.Tensor]:
@@ -136,6 +136,48 @@ def routing_of(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return weights[0], ids[0]
 
 
+def layer_routing(layer: MoELayer, output) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, top-k ids) [T, k] of one call of ``layer``'s router, whatever its dispatch. An expert-major
+    router (Llama 4) returns dense scores and its logits ``([T, E], [T, E])`` and selects the top-k logits: the ids
+    are that same top-k of the same logits, the weights the scores there."""
+    if layer.structure.dispatch != EXPERT_MAJOR:
+        return routing_of(output, layer.top_k)
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    dense = [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2]
+    if len(dense) < 2 or dense[0].shape != dense[1].shape:
+        raise Unsupported("the expert-major router does not return its dense scores and logits [T, E] (it returned "
+                          f"{[tuple(t.shape) for t in items if isinstance(t, torch.Tensor)]})")
+    scores, logits = dense[0], dense[1]
+    ids = torch.topk(logits, layer.top_k, dim=1).indices
+    return scores.gather(1, ids), ids
+
+
+def run_experts(layer: MoELayer, forward: Callable | None = None) -> Callable:
+    """``run(hidden [T, H], ids [T, k], weights [T, k]) -> [T, H]``: the layer's experts module (``forward``, default
+    the module itself) on those tokens and routing, called the way its block calls it. For an expert-major block that
+    is every expert on every token, expert e's rows the tokens scaled by their weight for e (0 where e is not among
+    their ids), summed over e as the block sums them."""
+    forward = forward or layer.experts
+    if layer.structure.dispatch != EXPERT_MAJOR:
+        return forward
+    num_experts = layer.num_experts
+
+    def run(hidden, ids, weights, *args, **kwargs):
+        scores = torch.zeros((hidden.shape[0], num_experts), dtype=weights.dtype, device=hidden.device)
+        scores = scores.scatter(1, ids, weights)  # [T, E]
+        routed_in = hidden.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+        out = forward(routed_in, *args, **kwargs)
+        return out.reshape(num_experts, -1, out.shape[-1]).sum(dim=0)
+
+    return run
+
+
+def expert_major_output(output: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """An output ``[T, H]`` as an expert-major experts module returns it, ``[E·T, H]``: the block's sum over the E
+    blocks gives it back exactly (the other blocks are zeros)."""
+    return torch.cat([output, output.new_zeros(((num_experts - 1) * output.shape[0], output.shape[1]))])
+
+
 def route(layer: MoELayer, args: tuple, kwargs: dict, removed: torch.Tensor | None = None, scale: float = 1.0,
           parameters: dict | None = None, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The router's own forward (``forward``, default its current one) on ``args`` with removed experts unreachable
@@ -147,13 +189,14 @@ def route(layer: MoELayer, args: tuple, kwargs: dict, removed: torch.Tensor | No
             output = torch.func.functional_call(layer.router, parameters, args, kwargs, strict=False)
         else:
             output = forward(*args, **kwargs)
-    return routing_of(output, layer.top_k)
+    return layer_routing(layer, output)
 
 
 @dataclass
 class RouterState:
     """What one router call saw and produced: its arguments, its own (unmasked) top-k weights and ids [T, k] (when
-    a tap needs them), and the removed-expert mask [E] the masked routing used (None when nothing is removed)."""
+    a tap needs them), the removed-expert mask [E] the masked routing used (None when nothing is removed) and, for an
+    expert-major block, the routing it passed on (its experts module is not given ids)."""
 
     removed: torch.Tensor | None = None
     args: tuple = ()
@@ -161,6 +204,7 @@ class RouterState:
     weights: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     forward: Callable | None = None  # the router's forward before it was patched
+    given: tuple[torch.Tensor, torch.Tensor] | None = None  # (weights, ids) the block received (expert-major)
 
 
 @dataclass
@@ -240,22 +284,31 @@ def scaled_routers(model: nn.Module, scales: dict[int, float]) -> Iterator[None]
 def _masked_router_forward(layer: MoELayer, state: RouterState, need_unmasked: bool):
     original = state.forward = layer.router.forward
 
+    expert_major = layer.structure.dispatch == EXPERT_MAJOR
+
     def forward(self, *args, **kwargs):
         state.args, state.kwargs = args, kwargs
         if need_unmasked or state.removed is None:
             output = original(*args, **kwargs)
             if need_unmasked:
-                state.weights, state.ids = routing_of(output, layer.top_k)
+                state.weights, state.ids = layer_routing(layer, output)
             if state.removed is None:
+                if expert_major:
+                    state.given = (state.weights, state.ids) if need_unmasked else layer_routing(layer, output)
                 return output
         with expert_mask(layer, state.removed):
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
+        if expert_major:
+            state.given = layer_routing(layer, output)
+        return output
 
     return forward
 
 
 def _tapped_forward(layer: MoELayer, adapter: FusedExpertsAdapter, state: RouterState, tap: Tap):
     original = layer.experts.forward
+    if layer.structure.dispatch == EXPERT_MAJOR:
+        return _tapped_expert_major_forward(layer, adapter, state, tap, original)
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         def run(hidden, ids, weights):
@@ -265,6 +318,19 @@ def _tapped_forward(layer: MoELayer, adapter: FusedExpertsAdapter, state: Router
         call = ExpertsCall(layer, adapter, hidden_states, ids, top_k_weights, state, run)
         result = tap(call)
         return call.output() if result is None else result
+
+    return forward
+
+
+def _tapped_expert_major_forward(layer: MoELayer, adapter: FusedExpertsAdapter, state: RouterState, tap: Tap,
+                                 original):
+    def forward(self, routed_in, *args, **kwargs):
+        weights, ids = state.given
+        hidden = state.args[0].reshape(-1, routed_in.shape[-1])  # the tokens the router scored [T, H]
+        run = run_experts(layer, lambda x: original(x, *args, **kwargs))
+        result = tap(ExpertsCall(layer, adapter, hidden, ids, weights.to(hidden.dtype), state, run))
+        return original(routed_in, *args, **kwargs) if result is None else \
+            expert_major_output(result.to(routed_in.dtype), layer.num_experts)
 
     return forward
 

@@ -13,7 +13,7 @@ from families import all_configs, grouped_uneven_plan
 from fair_moe import PlanSettings, apply_plan, compute_scores, make_plan, save_pruned
 from fair_moe.adapters import get_adapter, supported_model_types
 from fair_moe.calibration.text import CalibrationSource
-from fair_moe.units.experts.routing import masked_experts, patched_forward, route, routing_of
+from fair_moe.units.experts.routing import layer_routing, masked_experts, patched_forward, route
 
 CONFIGS = all_configs()
 FAMILIES = list(CONFIGS)
@@ -65,7 +65,7 @@ def test_frequency_is_the_models_own_topk_counts(family):
 
     def count(i):
         def hook(module, args, out) -> None:  # the router's own top-k ids (LongCat's identity experts are not units)
-            ids = routing_of(out, layers[i].top_k)[1].flatten()
+            ids = layer_routing(layers[i], out)[1].flatten()
             past_routed[i] += int((ids >= layers[i].num_experts).sum())
             ids = ids[ids < layers[i].num_experts]
             counts[i].index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
@@ -199,7 +199,7 @@ def test_masked_routing_equals_the_sliced_routers_own(family):
         with torch.no_grad():
             weights, ids = route(layer, args, kwargs, removed)
             own = pruned_layers[layer.index].router(*_for_pruned(args, layer, pruned_layers[layer.index]), **kwargs)
-        own_weights, own_ids = routing_of(own, layer.top_k)
+        own_weights, own_ids = layer_routing(layer, own)
         # classes past the routed experts (LongCat's identity experts) follow the kept ones in the pruned router
         tail = layer.structure.router_tail
         assert not torch.cat([removed, torch.zeros(tail, dtype=torch.bool)])[ids].any()
