@@ -283,7 +283,6 @@ def scaled_routers(model: nn.Module, scales: dict[int, float]) -> Iterator[None]
 
 def _masked_router_forward(layer: MoELayer, state: RouterState, need_unmasked: bool):
     original = state.forward = layer.router.forward
-
     expert_major = layer.structure.dispatch == EXPERT_MAJOR
 
     def forward(self, *args, **kwargs):
@@ -294,7 +293,7 @@ def _masked_router_forward(layer: MoELayer, state: RouterState, need_unmasked: b
                 state.weights, state.ids = layer_routing(layer, output)
             if state.removed is None:
                 if expert_major:
-                    state.given = (state.weights, state.ids) if need_unmasked else layer_routing(layer, output)
+                    state.given = layer_routing(layer, output)
                 return output
         with expert_mask(layer, state.removed):
             output = original(*args, **kwargs)
