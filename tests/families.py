@@ -83,4 +83,5 @@ def grouped_uneven_plan(model) -> PrunePlan:
         j = keep_per_group[n % 3]
         kept[layer.index] = sorted(g * size + (i * 5 + g) % size for g in range(groups) for i in range(j))
     assert len({len(v) for v in kept.values()}) > 1
-    return PrunePlan(model.config.model_type, "experts", e, kept, top_k=adapter.top_k(model.config))
+    return PrunePlan(model.config.model_type, "experts", e, kept, top_k=adapter.top_k(model.config),
+                     whole=adapter.whole_counts(model.config))

@@ -148,12 +148,16 @@ class FusedExpertsAdapter:
             ``input_linear.weight``), relative to the MoE block.
         unsupported: why a type whose structure is found still cannot be pruned (None: it can).
         dispatch: how the block calls its experts module (``MoEStructure.dispatch``); the module tree cannot tell.
+        whole_marker: a boolean attribute of the MoE block that marks a layer whose experts are kept whole
+            (``MoEStructure.whole_layers``), and ``whole_reason`` why, for the console and the model card.
     """
 
     model_type: str | None = None
     fused_key_names: tuple[str, ...] = ()
     unsupported: str | None = None
     dispatch: str = TOP_K
+    whole_marker: str | None = None
+    whole_reason: str = ""
     _structures: dict = field(default_factory=dict, repr=False)
 
     # ---- structure ---------------------------------------------------------------------------
@@ -171,7 +175,8 @@ class FusedExpertsAdapter:
             if self.unsupported:
                 raise Unsupported(f"model_type {config.model_type!r}: {self.unsupported}")
             model = meta_model(config, auto_class_name(config))
-            self._structures[key] = (dataclasses.replace(discover(model), dispatch=self.dispatch), KeyMap(model))
+            structure = dataclasses.replace(discover(model, self.whole_marker), dispatch=self.dispatch)
+            self._structures[key] = (structure, KeyMap(model))
         return self._structures[key]
 
     def auto_class(self, config) -> str:
@@ -212,6 +217,11 @@ class FusedExpertsAdapter:
         shared = getattr(text, "n_shared_experts", None)
         return int(shared) * self.expert_intermediate_size(config) if isinstance(shared, int) else 0
 
+    def whole_counts(self, config) -> dict[int, int]:
+        """MoE layers kept whole (not units) → the experts each keeps (``PrunePlan.whole``)."""
+        structure = self.structure(config)
+        return {index: structure.num_experts for index in structure.whole_layers}
+
     def moe_layer_indices(self, config) -> list[int]:
         """Decoder indices of the sparse layers, from the config alone (a meta-device build, no weights)."""
         return list(self.structure(config).layer_indices)
@@ -225,12 +235,13 @@ class FusedExpertsAdapter:
                                f"{self.auto_class(model.config)} loads") from err
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
-        """Every sparse MoE block, in decoder order. Dense layers are skipped."""
+        """Every sparse MoE block whose experts are units, in decoder order (dense layers and layers kept whole are
+        skipped)."""
         structure = self.structure(model.config)
         layers = []
         for index, layer in enumerate(self.decoder_layers(model)):
             block = structure.block_of(layer)
-            if block is None:
+            if block is None or index not in structure.layer_indices:  # a dense layer, or one kept whole
                 continue
             router = block.get_submodule(structure.router_path)
             experts = block.get_submodule(structure.experts_path)

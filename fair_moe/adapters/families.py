@@ -21,10 +21,11 @@ for _type in ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_
 # for e; an expert that was not selected computes on zeros and adds nothing.
 for _type in ("llama4_text", "llama4"):
     register_adapter(FusedExpertsAdapter(model_type=_type, dispatch=EXPERT_MAJOR))
+# DeepSeek-V4's hash-routed MoE layers pick experts from a fixed token-id -> expert table (tid2eid): an expert removed
+# there cannot be made unreachable, so those layers keep every expert and the others are pruned.
 register_adapter(FusedExpertsAdapter(
-    model_type="deepseek_v4", unsupported="its hash-routed layers pick experts from a fixed token-id -> expert table "
-    "(tid2eid), so an expert removed there cannot be made unreachable in the stock model; keeping those layers whole "
-    "needs per-layer expert counts, which fair_moe does not yet write for this type"))
+    model_type="deepseek_v4", whole_marker="is_hash",
+    whole_reason="hash-routed: experts chosen by a fixed token-id table, so none can be made unreachable"))
 register_adapter(FusedExpertsAdapter(
     model_type="openai_privacy_filter", unsupported="a token-classification encoder, not a language model"))
 
@@ -32,12 +33,12 @@ register_adapter(FusedExpertsAdapter(
 # scripts/coverage.py writes the table in the README from the same matrix.
 SUPPORTED = frozenset({
     "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2", "deepseek_v2",
-    "deepseek_v3", "deepseek_v32", "dots1", "dots3_note", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
-    "gemma4", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss", "granitemoe",
-    "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl",
-    "inkling2", "inkling2_loop", "inkling_mm_model", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna",
-    "lara_mini", "lfm2_moe", "llama4", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe",
-    "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral", "muse_spark", "nemotron_h",
-    "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe",
-    "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr",
+    "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note", "ergo", "ernie4_5_moe", "exaone_moe",
+    "flex_olmo", "flint", "gemma4", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss",
+    "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4",
+    "hy_v4_vl", "inkling2", "inkling2_loop", "inkling_mm_model", "jamba", "kimi_linear", "kolibri1", "kolibri1_1",
+    "laguna", "lara_mini", "lfm2_moe", "llama4", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash",
+    "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral", "muse_spark",
+    "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe",
+    "qwen3_vl_moe", "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr",
 })

@@ -51,7 +51,9 @@ class MoEStructure:
     (``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``, transformers' fused-experts call) or
     ``expert_major`` (Llama 4: the router returns dense scores ``[T, E]``, 0 where an expert was not selected, and
     the experts module runs every expert on ``[E·T, H]`` rows, expert e's block the tokens scaled by their score for e,
-    whose outputs the block sums over e)."""
+    whose outputs the block sums over e). ``whole_layers`` are MoE layers that are not units, kept whole because
+    their experts cannot be made unreachable (DeepSeek-V4's hash-routed layers pick experts from a fixed token-id
+    table); ``layer_indices`` lists only the others, and a pruned checkpoint keeps E experts in these."""
 
     layers_path: str
     block_path: str
@@ -74,6 +76,7 @@ class MoEStructure:
     experts_tail: int = 0  # of those, the ones the experts module computes itself (LongCat's identity experts)
     tail_count_attributes: tuple[str, ...] = ()  # attributes caching E + router_tail
     dispatch: str = "top_k"  # how the block calls its experts: TOP_K or EXPERT_MAJOR (see below)
+    whole_layers: tuple[int, ...] = ()  # MoE layers whose experts are kept whole (not units; see below)
 
     def block_of(self, layer: nn.Module) -> nn.Module | None:
         """The MoE block of one decoder layer (None for a dense layer)."""
@@ -222,12 +225,18 @@ def count_fields(config, num_experts: int) -> tuple[str, ...]:
                         and getattr(text, name, None) == num_experts))
 
 
-def discover(model: nn.Module) -> MoEStructure:
+def discover(model: nn.Module, whole_marker: str | None = None) -> MoEStructure:
     """The MoE structure of ``model`` (weights may be on the meta device). ``Unsupported`` says what was found
-    when the model is not a fused-experts MoE fair_moe can prune."""
+    when the model is not a fused-experts MoE fair_moe can prune. A MoE block whose attribute ``whole_marker`` is
+    true is kept whole (``MoEStructure.whole_layers``)."""
     layers_path, layers = decoder_layers(model)
     block_path, experts_attr, num_experts, indices = _locate_experts(model, layers)
     _check_no_other_stack(model, layers_path, num_experts)
+    whole = tuple(i for i in indices if whole_marker and getattr(
+        layers[i].get_submodule(block_path) if block_path else layers[i], whole_marker, False) is True)
+    indices = [i for i in indices if i not in whole]
+    if not indices:
+        raise Unsupported(f"every MoE layer of {type(model).__name__} is one fair_moe keeps whole ({whole_marker})")
     first_layer = layers[indices[0]]
     block = first_layer.get_submodule(block_path) if block_path else first_layer
     router = _router_of(block, experts_attr, num_experts)
@@ -258,6 +267,7 @@ def discover(model: nn.Module) -> MoEStructure:
         model_count_attributes=tuple(_int_attributes(model, num_experts, ("num_experts", "num_local_experts"))),
         router_tail=tail, experts_tail=experts_tail,
         tail_count_attributes=_count_attributes(modules, num_experts + tail) if tail else (),
+        whole_layers=whole,
     )
 
 

@@ -70,7 +70,8 @@ class UnitLayout:
 
     ``floor`` is the least a layer may keep (the router's top_k for experts, 1 for vision units) and
     ``floor_reason`` says why, for messages. Group-limited routers have ``groups`` G > 1 equal groups, each
-    keeping at least ``min_per_group`` units. ``top_k`` is the router's top_k (experts only).
+    keeping at least ``min_per_group`` units. ``top_k`` is the router's top_k (experts only). ``whole`` are layers
+    that hold ``width`` units too but are kept whole (not units: ``PrunePlan.whole``); budgets count only ``layers``.
     """
 
     unit: str
@@ -81,6 +82,7 @@ class UnitLayout:
     groups: int = 1
     min_per_group: int = 0
     top_k: int | None = None
+    whole: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -129,9 +131,10 @@ class UnitLayout:
     def to_meta(self) -> dict:
         return {"unit": self.unit, "width": self.width, "layers": list(self.layers), "floor": self.floor,
                 "floor_reason": self.floor_reason, "groups": self.groups, "min_per_group": self.min_per_group,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "whole": list(self.whole)}
 
     @classmethod
     def from_meta(cls, meta: dict) -> UnitLayout:
         return cls(meta["unit"], int(meta["width"]), tuple(meta["layers"]), int(meta["floor"]), meta["floor_reason"],
-                   int(meta.get("groups", 1)), int(meta.get("min_per_group", 0)), meta.get("top_k"))
+                   int(meta.get("groups", 1)), int(meta.get("min_per_group", 0)), meta.get("top_k"),
+                   tuple(meta.get("whole", ())))

@@ -93,6 +93,9 @@ class PrunePlan:
     ``unit`` is the unit kind (``experts``, ``neurons``, ``heads``) and ``width`` the units every layer had.
     ``settings`` records the method (allocation, removal, protection, budget or tolerance, calibration);
     ``alpha`` is α* for ToD plans (None otherwise); ``top_k`` is the router's top_k (experts only).
+    ``whole`` lists the layers whose units are kept whole because they are not units at all (layer index → units
+    it keeps: DeepSeek-V4's hash-routed MoE layers); they are in no other field, and a plan with whole layers that
+    removes units anywhere keeps different counts in different layers.
     """
 
     model_type: str
@@ -104,6 +107,7 @@ class PrunePlan:
     base_model: str | None = None
     compensation: CompensationRecord | None = None
     top_k: int | None = None
+    whole: dict[int, int] = field(default_factory=dict)
 
     @property
     def kept_counts(self) -> dict[int, int]:
@@ -111,7 +115,13 @@ class PrunePlan:
 
     @property
     def is_uniform(self) -> bool:
-        return len(set(self.kept_counts.values())) <= 1
+        """Every layer keeps the same number of units, the layers kept whole included."""
+        return len(set(self.kept_counts.values()) | set(self.whole.values())) <= 1
+
+    @property
+    def largest_count(self) -> int:
+        """The most units any layer keeps (the count a config field holding one number must say)."""
+        return max([*self.kept_counts.values(), *self.whole.values()])
 
     @property
     def removed_total(self) -> int:
@@ -136,6 +146,8 @@ class PrunePlan:
             "removed_total": self.removed_total,
             "fair_moe_version": __version__,
         }
+        if self.whole:
+            data["kept_whole"] = {str(k): v for k, v in sorted(self.whole.items())}
         if self.unit == "experts":  # the names users of the expert pruner read
             data.update(kept_experts=kept, num_experts=self.width, top_k=self.top_k)
         else:
@@ -192,4 +204,5 @@ class PrunePlan:
             base_model=data.get("base_model"),
             compensation=None if not compensation else CompensationRecord.from_json(compensation),
             top_k=data.get("top_k") if experts else None,
+            whole={int(k): int(v) for k, v in (data.get("kept_whole") or {}).items()},
         )

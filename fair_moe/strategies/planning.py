@@ -51,4 +51,5 @@ def make_plan(scores: Scores, budget: Budget, allocation: str, removal: str, pro
         alpha=result.alpha,
         base_model=base_model,
         top_k=layout.top_k,
+        whole={index: layout.width for index in layout.whole},
     )

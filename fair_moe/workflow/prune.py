@@ -30,7 +30,7 @@ from fair_moe.strategies import AUTO
 from fair_moe.strategies.planning import make_plan
 from fair_moe.strategies.selection import decide_compensation, select_plan
 from fair_moe.units import UnitKind
-from fair_moe.workflow.report import Console
+from fair_moe.workflow.report import Console, layers_phrase
 from fair_moe.workflow.scoring import calibration_data, check_scores_fit, score, text_sources
 from fair_moe.workflow.settings import PruneSettings
 from fair_moe.workflow.writing import WriteOptions, compensation_as_written, streams, write_checkpoint
@@ -68,6 +68,10 @@ def run_prune(settings: PruneSettings, console: Console | None = None) -> PruneR
     unit.check_config(config)
     quantized = check_quantized(settings, unit, config)
     layout = unit.layout(config)
+    if method.layout == "stock" and layout.whole:
+        raise FairMoeError(f"--layout stock: {config.model_type} keeps its MoE layers {list(layout.whole)} whole "
+                           "(their experts cannot be made unreachable), so no pruned checkpoint of it keeps one count "
+                           "per layer; use --layout any")
     check_budgets(layout, settings.budgets, method.min_keep)
     saved_plan = load_saved_plan(settings.plan, unit, config, layout) if settings.plan else None
     console.line(unit.summary_line(config, layout))
@@ -263,8 +267,9 @@ def _prune_into(claim: OutputClaim | None, settings: PruneSettings, unit: UnitKi
                           quantized if keep_format else None)
     if any(not plan.is_uniform for plan in plans):
         console.line(f"layers keep different counts: load with {unit.auto_class_for(config)}.from_pretrained("
-                     "PATH, trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: prune with "
-                     "--layout stock")
+                     "PATH, trust_remote_code=True); vLLM / SGLang / TGI need one count per layer: "
+                     + (f"this model keeps {layers_phrase(plans[0].whole)} whole, so a pruned one never has that"
+                        if plans[0].whole else "prune with --layout stock"))
     console.timings(result.seconds)
     console.final(f"wrote {output.out}")
     if output.push_to_hub:

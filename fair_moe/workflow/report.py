@@ -22,14 +22,30 @@ def weights_sentence(plan: PrunePlan) -> str:
     unit = UNIT_KINDS.get(plan.unit)
     removed = (f"fair_moe removed {plan.removed_total} of {plan.width * len(plan.kept)} {unit.noun} "
                f"({sum(plan.kept_counts.values())} kept): their tensors were sliced out")
+    if plan.whole:
+        removed += f" ({keep_all(plan, unit.noun)}: they cannot be made unreachable there, so none is removed)"
     if plan.compensation is None:
         return removed + (" and nothing else was changed, so this model equals the base model "
                           f"with {unit.removal_means}.")
-    return removed + "; besides, " + COMPENSATIONS.get(plan.compensation.kind).changes + "."
+    untouched = f" ({layers_phrase(plan.whole)}: unchanged)" if plan.whole else ""
+    return removed + "; besides, " + COMPENSATIONS.get(plan.compensation.kind).changes + untouched + "."
+
+
+def layers_phrase(layers) -> str:
+    """``layer 0`` / ``layers 0, 1``, for sentences."""
+    indices = sorted(layers)
+    return ("layer " if len(indices) == 1 else "layers ") + ", ".join(str(i) for i in indices)
+
+
+def keep_all(plan: PrunePlan, noun: str) -> str:
+    """``layer 0 keeps all 8 routed experts`` for the layers a plan keeps whole."""
+    verb = "keeps" if len(plan.whole) == 1 else "keep"
+    return f"{layers_phrase(plan.whole)} {verb} all {plan.width} {noun}"
 
 
 def _counts_line(plan: PrunePlan) -> str:
-    return ", ".join(f"{layer}: {n}" for layer, n in plan.kept_counts.items())
+    return ", ".join(f"{layer}: {n}" + (" (kept whole)" if layer in plan.whole else "")
+                     for layer, n in sorted({**plan.kept_counts, **plan.whole}.items()))
 
 
 @dataclass
@@ -131,7 +147,9 @@ def model_card(plan: PrunePlan, facts: CardFacts | None = None) -> str:
         else "The layers keep different numbers of units: the checkpoint carries `modeling_fair_moe.py` "
         "(registered through `auto_map`, `architectures` names `" + unit.uneven_class + "`), so loading needs "
         "`trust_remote_code=True`; serving engines that do not run remote code (vLLM, "
-        "SGLang, TGI) need a plan with one count per layer (`--layout stock`).",
+        "SGLang, TGI) need a plan with one count per layer"
+        + (f": {keep_all(plan, unit.noun)} (they cannot be made unreachable there), so no pruned checkpoint of "
+           "this model has that." if plan.whole else " (`--layout stock`)."),
         "",
     ]
     if facts.results:
@@ -247,8 +265,8 @@ class Console:
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")
               + "):")
         print("  layer  kept  removed")
-        for layer, n in plan.kept_counts.items():
-            print(f"  {layer:5d}  {n:4d}  {plan.width - n:7d}")
+        for layer, n in sorted({**plan.kept_counts, **plan.whole}.items()):
+            print(f"  {layer:5d}  {n:4d}  {plan.width - n:7d}" + ("  (kept whole)" if layer in plan.whole else ""))
         print(f"  total  {sum(plan.kept_counts.values()):4d}  {plan.removed_total:7d}")
         if plan.compensation is not None:
             print("  " + COMPENSATIONS.get(plan.compensation.kind).summary(plan.compensation))

@@ -34,7 +34,8 @@ def _uniform_plan(model) -> PrunePlan:
     size = e // groups
     kept = {layer.index: sorted(set(range(e)) - {g * size + (n + g) % size for g in range(groups)})
             for n, layer in enumerate(adapter.moe_layers(model))}
-    return PrunePlan(model.config.model_type, "experts", e, kept, top_k=adapter.top_k(model.config))
+    return PrunePlan(model.config.model_type, "experts", e, kept, top_k=adapter.top_k(model.config),
+                     whole=adapter.whole_counts(model.config))
 
 
 def _fit(model, plan, **options):

@@ -53,7 +53,7 @@ class ExpertsUnit(UnitKind):
         top_k = adapter.top_k(config)
         return UnitLayout("experts", adapter.num_experts(config), tuple(adapter.moe_layer_indices(config)), top_k,
                           f"the router selects top_k={top_k}", adapter.num_groups(config),
-                          adapter.min_kept_per_group(config), top_k)
+                          adapter.min_kept_per_group(config), top_k, adapter.structure(config).whole_layers)
 
     def collect(self, model, data, seed, layerwise, progress):
         layers = self.adapter(model.config).moe_layers(model)

@@ -43,6 +43,10 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
     layers = {layer.index: layer for layer in adapter.moe_layers(model)}
     if set(plan.kept) != set(layers):
         raise FairMoeError(f"plan layers {sorted(plan.kept)} do not match the model's MoE layers {sorted(layers)}")
+    whole = adapter.whole_counts(model.config)
+    if plan.whole != whole:
+        raise FairMoeError(f"the plan keeps layers {sorted(plan.whole)} whole, but this model keeps MoE layers "
+                           f"{sorted(whole)} whole ({adapter.whole_reason or 'none'}): the plan is for another model")
     for index, kept in plan.kept.items():
         layer = layers[index]
         if len(set(kept)) != len(kept) or not all(0 <= e < layer.num_experts for e in kept):
@@ -87,7 +91,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
                     for field in structure.count_fields:
                         setattr(module.config, field, len(kept))
     for attr in structure.model_count_attributes:
-        setattr(model, attr, max(plan.kept_counts.values()))
+        setattr(model, attr, plan.largest_count)
     update_config(model.config, plan, layout)
     return model
 
@@ -97,7 +101,7 @@ def update_config(config, plan: PrunePlan, layout: dict) -> None:
     adapter = get_adapter(config)
     counts = plan.kept_counts
     auto_class = adapter.auto_class(config)
-    adapter.set_count(config, max(counts.values()))
+    adapter.set_count(config, plan.largest_count)
     if not plan.is_uniform:
         config.fair_moe_experts_per_layer = {str(k): v for k, v in counts.items()}
         config.fair_moe_layout = layout
