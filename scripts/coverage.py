@@ -100,6 +100,11 @@ def status(name: str, config, outcome: dict[str, int] | None) -> tuple[str, str,
         notes.append(f"{structure.groups} expert groups")
     if structure.selection_biases:
         notes.append("selection bias")
+    if structure.dispatch != "top_k":
+        notes.append(f"{structure.dispatch.replace('_', '-')} experts call")
+    if structure.whole_layers:
+        whole = ", ".join(map(str, structure.whole_layers))
+        notes.append(f"layer{'s' if len(structure.whole_layers) > 1 else ''} {whole} kept whole")
     if name not in SUPPORTED:
         from zoo import ZOO  # the zoo says what is unusual about a type it cannot test yet
         unusual = ZOO.get(name, {}).get("why")
