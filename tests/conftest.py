@@ -111,7 +111,10 @@ def train_tiny_tokenizer(vocab_size: int = 300):
 
 def write_checkpoint(folder, config, seed: int = 0):
     tokenizer = train_tiny_tokenizer()
-    config.get_text_config().vocab_size = len(tokenizer)  # the language tower's, for a multimodal config
+    text = config.get_text_config()
+    text.vocab_size = len(tokenizer)  # the language tower's, for a multimodal config
+    if getattr(text, "unpadded_vocab_size", None) is not None:  # Inkling 2 scores only the unpadded ids
+        text.unpadded_vocab_size = len(tokenizer)
     model = build_model(config, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
