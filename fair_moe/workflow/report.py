@@ -168,11 +168,17 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
 
     unit = UNIT_KINDS.get(plan.unit)
     allocation, removal = chosen_method(plan)
-    layers = list(plan.kept_counts)
-    kept = [plan.kept_counts[i] for i in layers]
+    counts = {**plan.kept_counts, **plan.whole}
+    layers = sorted(counts)
+    kept = [counts[i] for i in layers]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.8))
-    ax.bar(range(len(layers)), kept, color="#4c72b0", label=f"{allocation} + {removal}")
-    ax.axhline(sum(kept) / len(kept), color="#dd8452", linestyle="--", label="uniform at the same budget")
+    pruned = [n for n, i in enumerate(layers) if i not in plan.whole]
+    ax.bar(pruned, [kept[n] for n in pruned], color="#4c72b0", label=f"{allocation} + {removal}")
+    if plan.whole:
+        whole = [n for n, i in enumerate(layers) if i in plan.whole]
+        ax.bar(whole, [kept[n] for n in whole], color="#bbbbbb", label="kept whole (not units)")
+    planned = list(plan.kept_counts.values())
+    ax.axhline(sum(planned) / len(planned), color="#dd8452", linestyle="--", label="uniform at the same budget")
     ax.axhline(plan.width, color="grey", linewidth=0.8, label=f"original ({plan.width})")
     ax.set_xticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
     ax.set_xlabel("layer")
