@@ -164,7 +164,9 @@ class ExpertsUnit(UnitKind):
         decoder = text_config(config).num_hidden_layers
         return (f"model_type {config.model_type}: {decoder} decoder layers, {len(layers)} MoE layers "
                 f"({layers[0]}…{layers[-1]}), {layout.width} routed experts per layer, top_k={layout.top_k}"
-                + (f", {layout.groups} expert groups" if layout.groups > 1 else ""))
+                + (f", {layout.groups} expert groups" if layout.groups > 1 else "")
+                + (f"; MoE layers kept whole (not pruned): {', '.join(map(str, layout.whole))}"
+                   if layout.whole else ""))
 
     def describe(self, config, layout, budgets, dtype, batch_tokens, trust_remote_code) -> list[str]:
         from fair_moe.units.experts.dry_run import describe

@@ -49,12 +49,17 @@ def describe(config, adapter: FusedExpertsAdapter, layout: UnitLayout, budgets: 
     router_row = sum(t[0].numel() for t in layers[0].router.parameters()) if layers else 0
     bytes_per = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     grouped = layout.groups > 1
+    whole = set(layout.whole)
+
+    def kind(i: int) -> str:
+        return "moe" if i in moe else "whole" if i in whole else "dense"
+
     lines = [
         "layer  kind   routed experts  top_k" + ("  groups" if grouped else ""),
-        *[f"{i:5d}  {'moe' if i in moe else 'dense':5s}  {layout.width if i in moe else 0:14d}  {layout.floor:5d}"
+        *[f"{i:5d}  {kind(i):5s}  {layout.width if kind(i) != 'dense' else 0:14d}  {layout.floor:5d}"
           + (f"  {layout.groups:6d}" if grouped else "") for i in range(text_config(config).num_hidden_layers)],
         f"parameters: {total / 1e9:.3f} B in all, {per_expert * layout.width * len(layers) / 1e9:.3f} B in "
-        f"{layout.width * len(layers)} routed experts ({per_expert / 1e6:.2f} M each); "
+        f"{layout.width * len(layers)} routed experts it may prune ({per_expert / 1e6:.2f} M each); "
         f"{_gib(total * bytes_per)} on disk in {str(dtype).replace('torch.', '')}",
     ]
     for budget in budgets:

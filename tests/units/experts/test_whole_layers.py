@@ -103,3 +103,12 @@ def test_the_card_and_the_command_line_say_so(hashed, tmp_path, capsys):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "removed 8 of 16 routed experts" in card and "layer 0 keeps all 8 routed experts" in card
     assert "0: 8 (kept whole), 1: 4, 2: 4" in card
+
+
+def test_the_dry_run_shows_the_hash_layer_kept_whole(hashed, tmp_path, capsys):
+    folder, _, _ = hashed
+    assert prune.main(["--model", str(folder), "--budget", "0.5", "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "MoE layers kept whole (not pruned): 0" in printed
+    assert "    0  whole               8" in printed and "    1  moe                 8" in printed
+    assert "remove 8 routed experts in total" in printed
