@@ -40,5 +40,5 @@ SUPPORTED = frozenset({
     "laguna", "lara_mini", "lfm2_moe", "llama4", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash",
     "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "mixtral", "muse_spark",
     "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe",
-    "qwen3_vl_moe", "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr",
+    "qwen3_vl_moe", "qwen4_exp", "sarvam_mla", "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr", "zaya",
 })

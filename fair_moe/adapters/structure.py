@@ -179,7 +179,8 @@ def _find_experts(layer: nn.Module) -> list[tuple[str, int]]:
 def _router_of(block: nn.Module, experts_name: str, num_experts: int) -> tuple[str, str, int] | None:
     """(router path, path of its logits weight within the router, trailing classes) among the block's other
     children: a ``[E, H]`` weight, or a ``gate`` / ``router`` whose weight scores up to E more classes after the
-    routed experts (``[E + tail, H]``)."""
+    routed experts (``[E + tail, H]``; of several, the one with the fewest: a router MLP's hidden layers are wider
+    than its logits layer, whose input is then the MLP's width, not H)."""
     children = sorted(block.named_children(), key=lambda item: item[0] not in ("gate", "router"))
     for name, child in children:
         if name == experts_name:
@@ -190,10 +191,14 @@ def _router_of(block: nn.Module, experts_name: str, num_experts: int) -> tuple[s
     for name, child in children:
         if name not in ("gate", "router"):
             continue
-        for tensor_name, tensor in _all_tensors(child).items():
-            rows = tensor.shape[0] if tensor.dim() == 2 else 0
-            if num_experts < rows <= 2 * num_experts and tensor_name.endswith("weight"):
-                return name, tensor_name, tensor.shape[0] - num_experts
+        # the weight that scores the fewest classes past E: a router whose logits come out of an MLP (ZAYA's) has
+        # wider hidden layers too
+        found = [(tensor.shape[0] - num_experts, tensor_name) for tensor_name, tensor in _all_tensors(child).items()
+                 if tensor.dim() == 2 and num_experts < tensor.shape[0] <= 2 * num_experts
+                 and tensor_name.endswith("weight")]
+        if found:
+            tail, tensor_name = min(found)
+            return name, tensor_name, tail
     return None
 
 
@@ -342,11 +347,12 @@ def _nested_expert_rows(experts: nn.Module, rows: int) -> dict[str, int]:
 
 
 def _count_attributes(modules: list[tuple[str, nn.Module]], count: int) -> tuple[str, ...]:
-    """Block-relative paths of the integer attributes (named for experts, or a Linear's out_features) equal to
-    ``count`` on the given (prefix, module) pairs: what caches the expert count and must follow a resize."""
+    """Block-relative paths of the integer attributes (named for experts or classes, or a Linear's out_features)
+    equal to ``count`` on the given (prefix, module) pairs: what caches the expert count and must follow a resize
+    (ZAYA's router caches E + 1 as ``num_router_classes``)."""
     found = []
     for prefix, module in modules:
-        names = [a for a in _int_attributes(module, count) if "expert" in a]
+        names = [a for a in _int_attributes(module, count) if "expert" in a or "classes" in a]
         if isinstance(module, nn.Linear) and module.out_features == count:
             names.append("out_features")
         found += [f"{prefix}.{a}" if prefix else a for a in names]

@@ -43,8 +43,9 @@ def _fit(model, plan, **options):
 
 
 # ergo stores its router transposed on disk ([hidden, E]): the streamed rows are written back in that layout;
-# llama4_text's block is expert-major (dense router scores, every expert on every token)
-KD_FAMILIES = {**family_configs(), **{name: all_configs()[name] for name in ("ergo", "llama4_text")}}
+# llama4_text's block is expert-major (dense router scores, every expert on every token); zaya's logits come out of
+# a router MLP and score a skip class after the experts
+KD_FAMILIES = {**family_configs(), **{name: all_configs()[name] for name in ("ergo", "llama4_text", "zaya")}}
 
 
 @pytest.mark.parametrize("family", list(KD_FAMILIES))
