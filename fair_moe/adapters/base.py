@@ -28,6 +28,7 @@ from fair_moe.adapters.structure import (
     Unsupported,
     auto_class_name,
     discover,
+    is_selection_bias,
     meta_model,
     tensor_at,
     text_config,
@@ -358,8 +359,7 @@ class FusedExpertsAdapter:
 
     def is_selection_bias(self, name: str) -> bool:
         """Whether a router tensor only biases selection (it is not part of the logits)."""
-        last = name.rsplit(".", 1)[-1]
-        return last.endswith("bias") and last != "bias"
+        return is_selection_bias(name)
 
     def is_logit_tensor(self, config, name: str) -> bool:
         """Whether a router-part tensor (block-relative path, or a path ending it) is part of the router's logits:

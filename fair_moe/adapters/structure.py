@@ -315,7 +315,7 @@ def _router_tensors(block: nn.Module, router_path: str, num_experts: int, tail: 
         axis = expert_axis_of(tensor, num_experts, trailing)
         if axis is not None:
             router_tensors.append((path, axis))
-            if _is_selection_bias(name):
+            if is_selection_bias(name):
                 selection.append(path)
     return tuple(router_tensors), tuple(selection)
 
@@ -373,11 +373,12 @@ def _check_no_other_stack(model: nn.Module, layers_path: str, num_experts: int) 
                               "share their expert count: fair_moe prunes one decoder stack")
 
 
-def _is_selection_bias(name: str) -> bool:
+def is_selection_bias(name: str) -> bool:
     """A tensor that biases which experts are selected without being part of the weights (DeepSeek-V3's
-    ``e_score_correction_bias``, ``expert_bias``); a linear layer's own ``bias`` is part of the logits."""
+    ``e_score_correction_bias``, ``expert_bias``, ZAYA's ``balancing_biases``); a linear layer's own ``bias`` is part
+    of the logits."""
     last = name.rsplit(".", 1)[-1]
-    return last.endswith("bias") and last != "bias"
+    return last.endswith(("bias", "biases")) and last not in ("bias", "biases")
 
 
 def _groups(router: nn.Module, block: nn.Module, num_experts: int, top_k: int, biased: bool) -> tuple[int, int, int]:
