@@ -14,6 +14,16 @@ def execution_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype most of the model's parameters are in: what it was loaded in, also where it keeps a few
+    modules in float32 (ergo's embedding and routers), which makes its first parameter and ``model.dtype`` float32."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
 @torch.no_grad()
 def stream_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None,
                progress: bool = False) -> tuple[float, int]:

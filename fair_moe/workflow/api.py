@@ -21,6 +21,7 @@ from fair_moe.core.budget import Budget
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import Scores
+from fair_moe.metrics import compute_dtype
 from fair_moe.strategies import AUTO, COMPENSATIONS
 from fair_moe.strategies import planning as _planning
 from fair_moe.strategies import selection as _selection
@@ -99,7 +100,7 @@ def save_pruned(model, folder: Path, processor=None, plan: PrunePlan | None = No
     Path(folder).mkdir(parents=True, exist_ok=True)
     unit.save(model, Path(folder), processor, dtype)
     if plan is not None:  # recording the compensation as written: router rows rounded to the weights' dtype
-        written = compensation_as_written(plan, dtype or next(model.parameters()).dtype)
+        written = compensation_as_written(plan, dtype or compute_dtype(model))
         dataclasses.replace(plan, compensation=written).save(Path(folder))
 
 

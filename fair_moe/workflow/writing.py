@@ -20,6 +20,7 @@ from fair_moe.checkpoint.verify import compare_by_parts, compare_outputs
 from fair_moe.core.errors import FairMoeError
 from fair_moe.core.plan import PrunePlan
 from fair_moe.core.scores import SCORES_FILE, Scores
+from fair_moe.metrics import compute_dtype
 from fair_moe.strategies import COMPENSATIONS
 from fair_moe.strategies.selection import reference
 from fair_moe.units import UnitKind
@@ -116,7 +117,7 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
                     options.expected = (probe, unit.outputs(model, probe), None)
             else:
                 options.expected = (probe, trace.logits, trace)
-    compute_dtype = next(model.parameters()).dtype
+    dtypes = {name: t.dtype for name, t in _named_tensors(model)}  # a model may keep some modules in float32
     compensation = COMPENSATIONS.get(plan.compensation.kind) if plan.compensation else None
     source = options.source
     if streams(unit, plan, options):
@@ -138,7 +139,7 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
         changes = config_changes(before, model.config.to_dict())
         unit.save(model, folder, processor if source is None else None, options.save_dtype)
         write_config(folder, unit, model, plan, source, changes, options.drop_config_fields)
-        model.to(compute_dtype)
+        _restore_dtypes(model, dtypes)
     if source is not None:
         from fair_moe.checkpoint.stream import copy_side_files
 
@@ -152,16 +153,27 @@ def _write(folder, unit, model, processor, plan, scores, data, options) -> None:
     unit.verify_saved(folder, plan, model.config)
 
 
+def _named_tensors(model):
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _restore_dtypes(model, dtypes: dict) -> None:
+    """Every parameter and buffer back in the dtype it had (saving in another dtype casts the whole model)."""
+    for name, tensor in _named_tensors(model):
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
+
+
 def _verify(folder, unit, model, plan, options) -> None:
     """Reload the written checkpoint and compare its outputs on the probe with the reference's; in half precision a
     mismatch is checked again by parts (``compare_by_parts``), which ties of the routing cannot fail."""
     import torch
 
     probe, expected, trace = options.expected
-    compute_dtype = next(model.parameters()).dtype
-    reloaded = reload(folder, unit, plan, compute_dtype, model, options.placement, options.trust_remote_code,
+    dtype = compute_dtype(model)
+    reloaded = reload(folder, unit, plan, dtype, model, options.placement, options.trust_remote_code,
                       options.quantized)
-    exact = compute_dtype == torch.float32 and options.save_dtype in (None, torch.float32)
+    exact = dtype == torch.float32 and options.save_dtype in (None, torch.float32)
     what = "the masked original" + (" with its compensation" if plan.compensation else "")
     try:
         compare_outputs(unit.outputs(reloaded, probe), expected, exact, unit.exact_tolerance, what)
