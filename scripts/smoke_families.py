@@ -1,7 +1,8 @@
 """The command line, as a user runs it, on a tiny checkpoint of every supported model type.
 
-    python scripts/smoke_families.py                    # every type of tests/families.py's all_configs (~20 min)
+    python scripts/smoke_families.py                    # every type of tests/families.py's all_configs (~25 min)
     python scripts/smoke_families.py llama4 ergo        # some of them
+    python scripts/smoke_families.py --dtype bfloat16 --only-default   # half precision (verified by parts)
 
 For each type it writes a tiny random checkpoint with a byte-level tokenizer (``tests/conftest.py``'s
 ``write_checkpoint``) into ``bench_out/smoke/models/TYPE`` and runs ``fair-moe-prune`` on it twice, on two small
@@ -37,6 +38,7 @@ def calibration_files(folder: Path) -> list[Path]:
 
 
 def run(model: Path, out: Path, calib: list[Path], extra: list[str]) -> tuple[int, float, str]:
+    """(exit status, seconds, last line) of one ``fair_moe.prune`` run."""
     args = [sys.executable, "-m", "fair_moe.prune", "--model", str(model), "--samples", "16", "--seq-len", "48",
             "--budget", "0.5", "--out", str(out), "--overwrite", "--quiet", *extra]
     for path in calib:
@@ -48,26 +50,38 @@ def run(model: Path, out: Path, calib: list[Path], extra: list[str]) -> tuple[in
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
     from conftest import write_checkpoint
     from families import all_configs
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("types", nargs="*", help="model types (default: every supported one)")
+    parser.add_argument("--dtype", default=None, help="passed to fair-moe-prune --dtype")
+    parser.add_argument("--only-default", action="store_true", help="run the default flags only")
+    args = parser.parse_args(argv)
+    variants = {"default": []} if args.only_default else VARIANTS
+    dtype = ["--dtype", args.dtype] if args.dtype else []
     root = ROOT / "bench_out" / "smoke"
     root.mkdir(parents=True, exist_ok=True)
     calib = calibration_files(root)
     configs = all_configs()
-    names = argv or list(configs)
+    names = args.types or list(configs)
     failed = []
     for name in names:
         folder = root / "models" / name
         if not folder.exists():
             write_checkpoint(folder, configs[name])
-        for variant, extra in VARIANTS.items():
-            status, seconds, last = run(folder, root / "out" / f"{name}-{variant}", calib, extra)
-            print(f"{name:22s} {variant:24s} exit {status}  {seconds:6.1f} s  {last[:110]}", flush=True)
+        for variant, extra in variants.items():
+            label = f"{variant}{' ' + args.dtype if args.dtype else ''}"
+            out = root / "out" / f"{name}-{variant}{'-' + args.dtype if args.dtype else ''}"
+            status, seconds, last = run(folder, out, calib, [*extra, *dtype])
+            print(f"{name:22s} {label:24s} exit {status}  {seconds:6.1f} s  {last[:110]}", flush=True)
             if status:
-                failed.append(f"{name} ({variant})")
-    print(f"{len(names) * len(VARIANTS) - len(failed)} of {len(names) * len(VARIANTS)} runs wrote a verified "
-          f"checkpoint" + (f"; failed: {', '.join(failed)}" if failed else ""))
+                failed.append(f"{name} ({label})")
+    runs = len(names) * len(variants)
+    print(f"{runs - len(failed)} of {runs} runs wrote a verified checkpoint"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
