@@ -151,6 +151,8 @@ class FusedExpertsAdapter:
         dispatch: how the block calls its experts module (``MoEStructure.dispatch``); the module tree cannot tell.
         whole_marker: a boolean attribute of the MoE block that marks a layer whose experts are kept whole
             (``MoEStructure.whole_layers``), and ``whole_reason`` why, for the console and the model card.
+        output_norm: the decoder-layer module that RMS-normalises the experts' summed output before anything else
+            reads it (Gemma 4's ``post_feedforward_layernorm_2``): a per-layer scale of that output changes nothing.
     """
 
     model_type: str | None = None
@@ -159,6 +161,7 @@ class FusedExpertsAdapter:
     dispatch: str = TOP_K
     whole_marker: str | None = None
     whole_reason: str = ""
+    output_norm: str | None = None
     _structures: dict = field(default_factory=dict, repr=False)
 
     # ---- structure ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import build_model, tiny_qwen2_moe_config
-from families import family_configs, grouped_uneven_plan
+from families import all_configs, family_configs, grouped_uneven_plan
 from transformers import AutoModelForCausalLM
 
 from fair_moe import apply_plan, reference, save_pruned, stream_pruned
@@ -177,3 +177,24 @@ def test_layer_scale_is_refused_where_expert_outputs_are_normalised():
     decided = decide_compensation(model, UNIT_KINDS.get("experts"), plan, scores, "auto")
     assert "layer-scale" in decided.settings["compensation_decision"]["not_considered"]
     assert all(row["compensation"] != "layer-scale" for row in decided.settings["compensation_decision"]["candidates"])
+
+
+def test_layer_scale_is_refused_where_a_norm_undoes_it():
+    """Gemma 4 RMS-normalises the experts' summed output: scaling it by 3 in every layer leaves the logits as they
+    were, up to the norm's eps (outputs of a trained model's size: a random tiny model's are near √eps, so its down
+    projections are enlarged here), so layer-scale is unavailable there, and says why."""
+    model = build_model(all_configs()["gemma4"], seed=1)
+    ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    layers = get_adapter(model.config).moe_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.experts.down_proj.mul_(1000)
+        before = model(input_ids=ids, use_cache=False).logits
+        handles = [layer.experts.register_forward_hook(lambda m, a, out: out * 3) for layer in layers]
+        try:
+            after = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert (after - before).abs().max().item() < 1e-3 * before.abs().max().item()
+    assert "post_feedforward_layernorm_2, an RMS norm" in COMPENSATIONS.get("layer-scale").unavailable(model)

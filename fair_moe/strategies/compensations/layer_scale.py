@@ -37,7 +37,11 @@ class LayerScale(Compensation):
     def unavailable(self, model):
         from fair_moe.adapters import get_adapter
 
-        for layer in get_adapter(model.config).moe_layers(model):
+        adapter = get_adapter(model.config)
+        if adapter.output_norm:
+            return (f"each MoE layer's experts output goes straight into {adapter.output_norm}, an RMS norm, which "
+                    "undoes any scale of it")
+        for layer in adapter.moe_layers(model):
             if layer.structure.experts_tail:
                 return (f"{layer.experts.__class__.__name__} also computes {layer.structure.experts_tail} "
                         "zero-computation experts whose output does not pass through a down projection")
