@@ -21,9 +21,12 @@ for _type in ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_
 # for e; an expert that was not selected computes on zeros and adds nothing.
 for _type in ("llama4_text", "llama4"):
     register_adapter(FusedExpertsAdapter(model_type=_type, dispatch=EXPERT_MAJOR))
-# Gemma 4 RMS-normalises the experts' summed output before adding it to the dense MLP's: a layer scale is a no-op.
+# The routed experts' summed output goes straight into an RMS norm (no shared expert added before it), which undoes
+# a per-layer scale: Gemma 4 before adding the dense MLP's output, FlexOlmo and Beam (post-norm decoder layers).
 for _type in ("gemma4_text", "gemma4"):
     register_adapter(FusedExpertsAdapter(model_type=_type, output_norm="post_feedforward_layernorm_2"))
+for _type in ("flex_olmo", "beam"):
+    register_adapter(FusedExpertsAdapter(model_type=_type, output_norm="post_feedforward_layernorm"))
 
 # DeepSeek-V4's hash-routed MoE layers pick experts from a fixed token-id -> expert table (tid2eid): an expert removed
 # there cannot be made unreachable, so those layers keep every expert and the others are pruned.

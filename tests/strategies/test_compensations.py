@@ -179,16 +179,19 @@ def test_layer_scale_is_refused_where_expert_outputs_are_normalised():
     assert all(row["compensation"] != "layer-scale" for row in decided.settings["compensation_decision"]["candidates"])
 
 
-def test_layer_scale_is_refused_where_a_norm_undoes_it():
-    """Gemma 4 RMS-normalises the experts' summed output: scaling it by 3 in every layer leaves the logits as they
-    were, up to the norm's eps (outputs of a trained model's size: a random tiny model's are near √eps, so its down
-    projections are enlarged here), so layer-scale is unavailable there, and says why."""
-    model = build_model(all_configs()["gemma4"], seed=1)
+@pytest.mark.parametrize("family,norm", [("gemma4", "post_feedforward_layernorm_2"),
+                                         ("flex_olmo", "post_feedforward_layernorm"),
+                                         ("beam", "post_feedforward_layernorm")])
+def test_layer_scale_is_refused_where_a_norm_undoes_it(family, norm):
+    """These families RMS-normalise the routed experts' summed output: scaling it by 3 in every layer leaves the
+    logits as they were, up to the norm's eps (outputs of a trained model's size: a random tiny model's are near √eps,
+    so its down projections are enlarged here), so layer-scale is unavailable there, and says why."""
+    model = build_model(all_configs()[family], seed=1)
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(1))
     layers = get_adapter(model.config).moe_layers(model)
     with torch.no_grad():
         for layer in layers:
-            layer.experts.down_proj.mul_(1000)
+            layer.experts.down_proj.mul_(1e5)
         before = model(input_ids=ids, use_cache=False).logits
         handles = [layer.experts.register_forward_hook(lambda m, a, out: out * 3) for layer in layers]
         try:
@@ -197,4 +200,4 @@ def test_layer_scale_is_refused_where_a_norm_undoes_it():
             for handle in handles:
                 handle.remove()
     assert (after - before).abs().max().item() < 1e-3 * before.abs().max().item()
-    assert "post_feedforward_layernorm_2, an RMS norm" in COMPENSATIONS.get("layer-scale").unavailable(model)
+    assert f"{norm}, an RMS norm" in COMPENSATIONS.get("layer-scale").unavailable(model)
