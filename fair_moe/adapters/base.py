@@ -118,7 +118,7 @@ class MoELayer:
         return self.owner(f"{self.structure.experts_path}.{name}")
 
     def expert_tensor(self, name: str) -> torch.Tensor:
-        return tensor_at(self.experts, name)
+        return self.tensor(f"{self.structure.experts_path}.{name}")
 
     def router_tensors(self) -> list[tuple[str, int]]:
         """(block-relative path, expert axis) of every router-side tensor with an expert axis."""

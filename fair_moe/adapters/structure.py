@@ -75,7 +75,7 @@ class MoEStructure:
     router_tail: int = 0  # classes the router scores after the E routed experts (e.g. jointly weighted shared experts)
     experts_tail: int = 0  # of those, the ones the experts module computes itself (LongCat's identity experts)
     tail_count_attributes: tuple[str, ...] = ()  # attributes caching E + router_tail
-    dispatch: str = "top_k"  # how the block calls its experts: TOP_K or EXPERT_MAJOR (see below)
+    dispatch: str = TOP_K  # how the block calls its experts: TOP_K or EXPERT_MAJOR (see below)
     whole_layers: tuple[int, ...] = ()  # MoE layers whose experts are kept whole (not units; see below)
 
     def block_of(self, layer: nn.Module) -> nn.Module | None:
@@ -153,7 +153,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                        if isinstance(m, nn.ModuleList) and name.endswith(LAYER_LISTS)), None)
     if not isinstance(layers, nn.ModuleList):
         candidates = [(name, m) for name, m in model.named_modules()
-                      if isinstance(m, nn.ModuleList) and name.endswith(("layers", "blocks"))]
+                      if isinstance(m, nn.ModuleList) and name.endswith(LAYER_LISTS)]
         if not candidates:
             raise Unsupported(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers' or "
                               "'blocks')")

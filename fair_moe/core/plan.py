@@ -116,12 +116,17 @@ class PrunePlan:
     @property
     def is_uniform(self) -> bool:
         """Every layer keeps the same number of units, the layers kept whole included."""
-        return len(set(self.kept_counts.values()) | set(self.whole.values())) <= 1
+        return len(set(self.layer_counts.values())) <= 1
+
+    @property
+    def layer_counts(self) -> dict[int, int]:
+        """Units every layer keeps, the layers kept whole included, by layer index."""
+        return dict(sorted({**self.kept_counts, **self.whole}.items()))
 
     @property
     def largest_count(self) -> int:
         """The most units any layer keeps (the count a config field holding one number must say)."""
-        return max([*self.kept_counts.values(), *self.whole.values()])
+        return max(self.layer_counts.values())
 
     @property
     def removed_total(self) -> int:

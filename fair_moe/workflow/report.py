@@ -45,7 +45,7 @@ def keep_all(plan: PrunePlan, noun: str) -> str:
 
 def _counts_line(plan: PrunePlan) -> str:
     return ", ".join(f"{layer}: {n}" + (" (kept whole)" if layer in plan.whole else "")
-                     for layer, n in sorted({**plan.kept_counts, **plan.whole}.items()))
+                     for layer, n in plan.layer_counts.items())
 
 
 @dataclass
@@ -168,9 +168,8 @@ def plot_allocation(plan: PrunePlan, path: Path) -> None:
 
     unit = UNIT_KINDS.get(plan.unit)
     allocation, removal = chosen_method(plan)
-    counts = {**plan.kept_counts, **plan.whole}
-    layers = sorted(counts)
-    kept = [counts[i] for i in layers]
+    layers = list(plan.layer_counts)
+    kept = list(plan.layer_counts.values())
     fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.8))
     pruned = [n for n, i in enumerate(layers) if i not in plan.whole]
     ax.bar(pruned, [kept[n] for n in pruned], color="#4c72b0", label=f"{allocation} + {removal}")
@@ -271,7 +270,7 @@ class Console:
         print(f"plan ({allocation} + {removal}" + (f", alpha*={plan.alpha:.4f}" if plan.alpha is not None else "")
               + "):")
         print("  layer  kept  removed")
-        for layer, n in sorted({**plan.kept_counts, **plan.whole}.items()):
+        for layer, n in plan.layer_counts.items():
             print(f"  {layer:5d}  {n:4d}  {plan.width - n:7d}" + ("  (kept whole)" if layer in plan.whole else ""))
         print(f"  total  {sum(plan.kept_counts.values()):4d}  {plan.removed_total:7d}")
         if plan.compensation is not None:

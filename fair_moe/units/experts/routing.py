@@ -292,8 +292,8 @@ def _masked_router_forward(layer: MoELayer, state: RouterState, need_unmasked: b
             if need_unmasked:
                 state.weights, state.ids = layer_routing(layer, output)
             if state.removed is None:
-                if expert_major:
-                    state.given = layer_routing(layer, output)
+                if expert_major:  # the routing the block receives is the router's own
+                    state.given = (state.weights, state.ids) if need_unmasked else layer_routing(layer, output)
                 return output
         with expert_mask(layer, state.removed):
             output = original(*args, **kwargs)
