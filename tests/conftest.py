@@ -39,7 +39,8 @@ def tiny_qwen2_moe_config(**overrides) -> Qwen2MoeConfig:
 def build_model(config, seed: int = 0):
     """A tiny model with random weights, float32. Router weights are larger than the default init, so routing is
     decisive and top-k never sits on a tie; every bias (router, expert, attention) and selection bias is random
-    and non-zero, so that bias handling is actually exercised (init leaves most of them at zero)."""
+    and non-zero, so that bias handling is actually exercised (init leaves most of them at zero), and so is every
+    per-expert tensor of a module inside the experts module (a per-expert norm scale, initialised to ones)."""
     import transformers
 
     from fair_moe.adapters import get_adapter
@@ -63,6 +64,9 @@ def build_model(config, seed: int = 0):
                 elif name == "bias" or name.endswith("_bias"):
                     p.normal_(0, 0.02)
         for layer in layers:
+            for name in layer.structure.expert_tensors:
+                if "." in name:  # a per-expert tensor of a module inside the experts module (ergo's norm scale,
+                    layer.expert_tensor(name).normal_(1.0, 0.2)  # initialised to ones): each expert its own
             for bias in layer.selection_biases():
                 # non-negative: a group-limited router that fills unselected groups with 0 (DeepSeek-V3 style) would
                 # otherwise often tie a kept expert with those zeros, and torch.topk breaks ties in no defined order
